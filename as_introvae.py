@@ -1000,7 +1000,7 @@ def train(cfg):
             if not torch.isfinite(losses).all():
                 last = load_checkpoint(ckpt_path)["step"] if os.path.exists(ckpt_path) else None
                 raise TrainingDiverged(
-                    f"non-finite loss at step {step} ({', '.join(f'{k} {v.item():.4g}' for k, v in stats.items() if k.startswith('loss'))}); "
+                    f"non-finite loss at step {step + 1} ({', '.join(f'{k} {v.item():.4g}' for k, v in stats.items() if k.startswith('loss'))}); "
                     + (f"last good checkpoint: {ckpt_path} (step {last})" if last is not None else "no checkpoint yet"))
             step += 1
             count += 1

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
 
 class MetricInputError(ValueError):
@@ -40,19 +42,24 @@ class MetricWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------------
 # config: one field per command-line option (subcommands pick theirs in build_parser)
 # ---------------------------------------------------------------------------------------------------
+def _option(default, help_text):
+    """A config field whose one-line help text is also its --flag's help."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass
 class MetricsConfig:
-    weights: str = field(default="", metadata={"help": "Inception weights file; default: torch hub cache (downloads when online)"})
-    device: str = field(default="cpu", metadata={"help": "torch device for the Inception, e.g. cpu or cuda"})
-    batch_size: int = field(default=50, metadata={"help": "images per Inception forward (pytorch-fid's default 50)"})
-    dims: int = field(default=2048, metadata={"help": "Inception feature depth 64/192/768/2048; only 2048 is comparable across papers"})
-    bn_batch_stats: bool = field(default=False, metadata={"help": "Soft-IntroVAE's training-time FID: BatchNorm in train mode (NOT standard FID)"})
-    frechet_method: str = field(default="symmetric", metadata={"help": "tr sqrt(S1 S2): symmetric (eigh, fast) or eigvals (closest to scipy)"})
-    ssim_convention: str = field(default="gaussian", metadata={"help": "gaussian (Wang 2004 = skimage gaussian_weights) or skimage_default (7x7 box)"})
-    opencv_exact: bool = field(default=False, metadata={"help": "sharpness on OpenCV's rounded uint8 grey instead of float grey"})
-    progress: bool = field(default=True, metadata={"help": "one-line progress with rate and ETA on stderr"})
-    bench_images: int = field(default=50, metadata={"help": "bench: images to push through each Inception"})
-    bench_size: int = field(default=32, metadata={"help": "bench: side of the random test images (resized to 299 inside)"})
+    weights: str = _option("", "Inception weights file; default: torch hub cache (downloads when online)")
+    device: str = _option("cpu", "torch device for the Inception, e.g. cpu or cuda")
+    batch_size: int = _option(50, "images per Inception forward (pytorch-fid's default 50)")
+    dims: int = _option(2048, "Inception feature depth; only 2048 is comparable across papers")
+    bn_batch_stats: bool = _option(False, "Soft-IntroVAE's training-time FID: train-mode BatchNorm (NOT standard FID)")
+    frechet_method: str = _option("symmetric", "tr sqrt(S1 S2): symmetric (eigh, fast) or eigvals (closest to scipy)")
+    ssim_convention: str = _option("gaussian", "gaussian (Wang 2004 = skimage gaussian_weights) or skimage_default (7x7 box)")
+    opencv_exact: bool = _option(False, "sharpness on OpenCV's rounded uint8 grey instead of float grey")
+    progress: bool = _option(True, "one-line progress with rate and ETA on stderr")
+    bench_images: int = _option(50, "bench: images pushed through each Inception")
+    bench_size: int = _option(32, "bench: side of the random test images (resized to 299 inside)")
 
 
 CHOICES = {
@@ -114,7 +121,7 @@ class Progress:
         self.printed = True
 
     def close(self):
-        if self.enabled and self.done and self.last_print < math.inf:
+        if self.enabled and self.done:
             self._write(time.perf_counter())
         if self.printed:
             self.stream.write("\n")
@@ -124,7 +131,11 @@ class Progress:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:  # wipe the line so an error message stands alone
+            if self.printed:
+                self.stream.write("\r" + " " * 100 + "\r")
+            self.printed = self.enabled = False
         self.close()
 
 
@@ -153,6 +164,233 @@ def _image_pair(x, y, data_range):
         raise MetricInputError(f"x has values in [{x.min():.4g}, {x.max():.4g}], outside [0, {data_range:g}]: "
                                f"rescale or pass data_range")
     return x.clamp(0, data_range), y.clamp(0, data_range)
+
+
+# ---------------------------------------------------------------------------------------------------
+# data: image folders and stats files
+# ---------------------------------------------------------------------------------------------------
+def list_images(folder):
+    """Sorted image paths of a folder (bmp/jpg/jpeg/pgm/png/ppm/tif/tiff/webp, any case, not recursive).
+
+    pytorch-fid's set of extensions; it matches them case-sensitively and so skips '*.PNG', we do not.
+    """
+    if not os.path.isdir(folder):
+        raise MetricInputError(f"no such folder: {folder}")
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                   if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, name)))
+    if not paths:
+        raise MetricInputError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) in folder {folder}")
+    return paths
+
+
+def load_image(path):
+    """One file -> (3, H, W) float32 in [0, 1]: PIL convert("RGB") (grey replicated, alpha dropped), / 255."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    except Exception as error:  # PIL raises many types for a bad file; all mean "unreadable"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise MetricInputError(f"cannot read image {path}: {reason}")
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
+
+
+def image_batches(paths, batch_size):
+    """Yield (B, 3, H, W) float32 batches of consecutive files, B <= batch_size; a new batch starts where
+    the image size changes (one size per batch, like pytorch-fid's DataLoader)."""
+    batch = []
+    for path in paths:
+        image = load_image(path)
+        if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
+            yield torch.stack(batch)
+            batch = []
+        batch.append(image)
+    if batch:
+        yield torch.stack(batch)
+
+
+def save_stats(path, mu, sigma):
+    """pytorch-fid's stats file: np.savez_compressed with float64 mu (D,) and sigma (D, D)."""
+    np.savez_compressed(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+
+
+def load_stats(path):
+    """pytorch-fid's .npz stats -> (mu (D,), sigma (D, D)) float64."""
+    try:
+        with np.load(path) as stats:
+            mu, sigma = stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
+    except FileNotFoundError:
+        raise MetricInputError(f"no such stats file: {path}")
+    except KeyError:
+        raise MetricInputError(f"stats file {path} lacks the keys 'mu' and 'sigma' (pytorch-fid's .npz format)")
+    except Exception as error:
+        raise MetricInputError(f"cannot read stats file {path}: {type(error).__name__}: {error}")
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise MetricInputError(f"stats file {path} has mu {mu.shape} and sigma {sigma.shape}; expected (D,), (D, D)")
+    return mu, sigma
+
+
+# ---------------------------------------------------------------------------------------------------
+# model: pytorch-fid's "FID Inception" (TF inception-2015-12-05 ported), rebuilt on torchvision's blocks
+# ---------------------------------------------------------------------------------------------------
+class FIDInceptionA(InceptionA):
+    """Mixed_5b/5c/5d. TF's average pool ignores the padded zeros: count_include_pad=False."""
+
+    def forward(self, x):
+        branch1x1 = self.branch1x1(x)
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        branch_pool = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+        return torch.cat([branch1x1, branch5x5, branch3x3dbl, branch_pool], 1)
+
+
+class FIDInceptionC(InceptionC):
+    """Mixed_6b..6e. Same pool fix as FIDInceptionA."""
+
+    def forward(self, x):
+        branch1x1 = self.branch1x1(x)
+        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        branch7x7dbl = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            branch7x7dbl = conv(branch7x7dbl)
+        branch_pool = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+        return torch.cat([branch1x1, branch7x7, branch7x7dbl, branch_pool], 1)
+
+
+class FIDInceptionE(InceptionE):
+    """Mixed_7b (average pool, count_include_pad=False) and Mixed_7c (MAX pool: a quirk of the TF graph)."""
+
+    def __init__(self, in_channels, max_pool):
+        super().__init__(in_channels)
+        self.max_pool = max_pool
+
+    def forward(self, x):
+        branch1x1 = self.branch1x1(x)
+        branch3x3 = self.branch3x3_1(x)
+        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
+        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
+        if self.max_pool:
+            pooled = F.max_pool2d(x, 3, stride=1, padding=1)
+        else:
+            pooled = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        return torch.cat([branch1x1, branch3x3, branch3x3dbl, self.branch_pool(pooled)], 1)
+
+
+class InceptionV3FID(nn.Module):
+    """FID Inception: torchvision's Inception3(num_classes=1008, aux_logits=False) state-dict layout
+    (566 tensors, BN eps 1e-3, convs without bias) with the TF pool patches above.
+
+    forward: (N, 3, H, W) in [0, 1] -> bilinear 299x299 (align_corners=False, no antialias, even at 299)
+    -> 2x - 1 -> the block ending at `dims` (64: after Conv2d_2b + max pool, 192: Conv2d_4a + max pool,
+    768: Mixed_6e, 2048: Mixed_7c = pool3) -> global average pool -> (N, dims) float32.
+    bn_batch_stats=True marks the model for train-mode BatchNorm (Soft-IntroVAE's training-time FID).
+    """
+
+    def __init__(self, dims=2048, bn_batch_stats=False):
+        super().__init__()
+        if dims not in CHOICES["dims"]:
+            raise MetricInputError(f"dims must be one of {CHOICES['dims']} (pytorch-fid's blocks), got {dims}")
+        self.dims, self.bn_batch_stats = dims, bn_batch_stats
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
+        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)  # unused by FID; present so the official file loads with strict=True
+
+    def forward(self, x):  # (N, 3, H, W) in [0, 1] -> (N, dims)
+        return self.features_by_depth(x)[self.dims]
+
+    def features_by_depth(self, x, up_to=None):
+        """(N, 3, H, W) in [0, 1] -> {64: (N, 64), 192: (N, 192), 768: (N, 768), 2048: (N, 2048)} in one
+        pass, each block output average-pooled over H, W; stops at up_to (default self.dims)."""
+        up_to = up_to or self.dims
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, 64, 73, 73)
+        features = {64: F.adaptive_avg_pool2d(x, output_size=(1, 1)).flatten(1)}
+        if up_to > 64:
+            x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), kernel_size=3, stride=2)  # (N, 192, 35, 35)
+            features[192] = F.adaptive_avg_pool2d(x, output_size=(1, 1)).flatten(1)
+        if up_to > 192:
+            for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
+                          self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
+                x = block(x)  # ends (N, 768, 17, 17)
+            features[768] = F.adaptive_avg_pool2d(x, output_size=(1, 1)).flatten(1)
+        if up_to > 768:
+            x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (N, 2048, 8, 8)
+            features[2048] = F.adaptive_avg_pool2d(x, output_size=(1, 1)).flatten(1)  # pool3
+        return features
+
+
+def default_weights_path():
+    """torch hub's cache file: $TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_FILE)
+
+
+def _file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_inception(weights=None, device="cpu", dims=2048, bn_batch_stats=False):
+    """InceptionV3FID with the FID weights loaded strictly, on `device`, in eval mode (train-mode
+    BatchNorm only with bn_batch_stats=True; its momentum is set to 0 so the running stats never move).
+
+    weights: a file path, or None for the torch hub cache file (downloaded from pytorch-fid's release
+    when missing and online). Wrong keys or an unreadable file raise MetricInputError; a file whose
+    sha256 does not start with 6726825d loads with a MetricWarning (not the official weights).
+    """
+    path = weights or default_weights_path()
+    if not os.path.isfile(path):
+        if weights:
+            raise MetricInputError(f"no such Inception weights file: {path}")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(FID_WEIGHTS_URL, path, hash_prefix=FID_WEIGHTS_SHA256_PREFIX)
+        except Exception as error:
+            raise MetricInputError(f"FID Inception weights unavailable ({type(error).__name__}); put {FID_WEIGHTS_FILE} "
+                                   f"from {FID_WEIGHTS_URL} at {path} or pass its path (--weights PATH)")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise MetricInputError(f"cannot read Inception weights {path}: {type(error).__name__}")
+    model = InceptionV3FID(dims=dims, bn_batch_stats=bn_batch_stats)
+    expected = set(model.state_dict())
+    found = set(state_dict) if isinstance(state_dict, dict) else set()
+    missing = sorted(k for k in expected - found if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(found - expected)
+    if missing or unexpected:
+        raise MetricInputError(f"Inception weights {path} have the wrong keys ({len(missing)} missing, e.g. "
+                               f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}): not an FID Inception file")
+    try:
+        model.load_state_dict(state_dict, strict=not any(k.endswith("num_batches_tracked") for k in expected - found))
+    except RuntimeError as error:
+        raise MetricInputError(f"Inception weights {path} do not fit: {str(error).splitlines()[-1].strip()}")
+    sha256 = _file_sha256(path)
+    if not sha256.startswith(FID_WEIGHTS_SHA256_PREFIX):
+        warnings.warn(f"{path} is not the official FID Inception file (sha256 {sha256[:8]}..., expected "
+                      f"{FID_WEIGHTS_SHA256_PREFIX}...): FID values are not comparable with papers", MetricWarning, stacklevel=2)
+    if bn_batch_stats:
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = 0.0
+    return model.to(device).train(bn_batch_stats)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -392,227 +630,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method="symmetric", eps=1e-6):
 
 
 # ---------------------------------------------------------------------------------------------------
-# data: image folders and stats files
-# ---------------------------------------------------------------------------------------------------
-def list_images(folder):
-    """Sorted image paths of a folder (bmp/jpg/jpeg/pgm/png/ppm/tif/tiff/webp, any case, not recursive).
-
-    pytorch-fid's set of extensions; it matches them case-sensitively and so skips '*.PNG', we do not.
-    """
-    if not os.path.isdir(folder):
-        raise MetricInputError(f"no such folder: {folder}")
-    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                   if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, name)))
-    if not paths:
-        raise MetricInputError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) in folder {folder}")
-    return paths
-
-
-def load_image(path):
-    """One file -> (3, H, W) float32 in [0, 1]: PIL convert("RGB") (grey replicated, alpha dropped), / 255."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-    except Exception as error:  # PIL raises many types for a bad file; all mean "unreadable"
-        raise MetricInputError(f"cannot read image {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
-
-
-def image_batches(paths, batch_size):
-    """Yield (B, 3, H, W) float32 batches of consecutive files, B <= batch_size; a new batch starts where
-    the image size changes (one size per batch, like pytorch-fid's DataLoader)."""
-    batch = []
-    for path in paths:
-        image = load_image(path)
-        if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
-            yield torch.stack(batch)
-            batch = []
-        batch.append(image)
-    if batch:
-        yield torch.stack(batch)
-
-
-def save_stats(path, mu, sigma):
-    """pytorch-fid's stats file: np.savez_compressed with float64 mu (D,) and sigma (D, D)."""
-    np.savez_compressed(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
-
-
-def load_stats(path):
-    """pytorch-fid's .npz stats -> (mu (D,), sigma (D, D)) float64."""
-    try:
-        with np.load(path) as stats:
-            mu, sigma = stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
-    except FileNotFoundError:
-        raise MetricInputError(f"no such stats file: {path}")
-    except KeyError:
-        raise MetricInputError(f"stats file {path} lacks the keys 'mu' and 'sigma' (pytorch-fid's .npz format)")
-    except Exception as error:
-        raise MetricInputError(f"cannot read stats file {path}: {type(error).__name__}: {error}")
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise MetricInputError(f"stats file {path} has mu {mu.shape} and sigma {sigma.shape}; expected (D,), (D, D)")
-    return mu, sigma
-
-
-# ---------------------------------------------------------------------------------------------------
-# model: pytorch-fid's "FID Inception" (TF inception-2015-12-05 ported), rebuilt on torchvision's blocks
-# ---------------------------------------------------------------------------------------------------
-from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE  # noqa: E402
-
-
-class FIDInceptionA(InceptionA):
-    """Mixed_5b/5c/5d. TF's average pool ignores the padded zeros: count_include_pad=False."""
-
-    def forward(self, x):
-        branch1x1 = self.branch1x1(x)
-        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
-        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        branch_pool = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
-        return torch.cat([branch1x1, branch5x5, branch3x3dbl, branch_pool], 1)
-
-
-class FIDInceptionC(InceptionC):
-    """Mixed_6b..6e. Same pool fix as FIDInceptionA."""
-
-    def forward(self, x):
-        branch1x1 = self.branch1x1(x)
-        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        branch7x7dbl = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            branch7x7dbl = conv(branch7x7dbl)
-        branch_pool = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
-        return torch.cat([branch1x1, branch7x7, branch7x7dbl, branch_pool], 1)
-
-
-class FIDInceptionE(InceptionE):
-    """Mixed_7b (average pool, count_include_pad=False) and Mixed_7c (MAX pool: a quirk of the TF graph)."""
-
-    def __init__(self, in_channels, max_pool):
-        super().__init__(in_channels)
-        self.max_pool = max_pool
-
-    def forward(self, x):
-        branch1x1 = self.branch1x1(x)
-        branch3x3 = self.branch3x3_1(x)
-        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
-        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
-        if self.max_pool:
-            pooled = F.max_pool2d(x, 3, stride=1, padding=1)
-        else:
-            pooled = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-        return torch.cat([branch1x1, branch3x3, branch3x3dbl, self.branch_pool(pooled)], 1)
-
-
-class InceptionV3FID(nn.Module):
-    """FID Inception: torchvision's Inception3(num_classes=1008, aux_logits=False) state-dict layout
-    (566 tensors, BN eps 1e-3, convs without bias) with the TF pool patches above.
-
-    forward: (N, 3, H, W) in [0, 1] -> bilinear 299x299 (align_corners=False, no antialias, even at 299)
-    -> 2x - 1 -> the block ending at `dims` (64: after Conv2d_2b + max pool, 192: Conv2d_4a + max pool,
-    768: Mixed_6e, 2048: Mixed_7c = pool3) -> global average pool -> (N, dims) float32.
-    bn_batch_stats=True marks the model for train-mode BatchNorm (Soft-IntroVAE's training-time FID).
-    """
-
-    def __init__(self, dims=2048, bn_batch_stats=False):
-        super().__init__()
-        if dims not in CHOICES["dims"]:
-            raise MetricInputError(f"dims must be one of {CHOICES['dims']} (pytorch-fid's blocks), got {dims}")
-        self.dims, self.bn_batch_stats = dims, bn_batch_stats
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
-        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
-        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
-        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)  # unused by FID; present so the official file loads with strict=True
-
-    def forward(self, x):  # (N, 3, H, W) in [0, 1] -> (N, dims)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, 64, 73, 73)
-        if self.dims > 64:
-            x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), kernel_size=3, stride=2)  # (N, 192, 35, 35)
-        if self.dims > 192:
-            for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
-                          self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
-                x = block(x)  # ends (N, 768, 17, 17)
-        if self.dims > 768:
-            x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (N, 2048, 8, 8)
-        return F.adaptive_avg_pool2d(x, output_size=(1, 1)).flatten(1)  # (N, dims)
-
-
-def default_weights_path():
-    """torch hub's cache file: $TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_FILE)
-
-
-def _file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def load_inception(weights=None, device="cpu", dims=2048, bn_batch_stats=False):
-    """InceptionV3FID with the FID weights loaded strictly, on `device`, in eval mode (train-mode
-    BatchNorm only with bn_batch_stats=True; its momentum is set to 0 so the running stats never move).
-
-    weights: a file path, or None for the torch hub cache file (downloaded from pytorch-fid's release
-    when missing and online). Wrong keys or an unreadable file raise MetricInputError; a file whose
-    sha256 does not start with 6726825d loads with a MetricWarning (not the official weights).
-    """
-    path = weights or default_weights_path()
-    if not os.path.isfile(path):
-        if weights:
-            raise MetricInputError(f"no such Inception weights file: {path}")
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(FID_WEIGHTS_URL, path, hash_prefix=FID_WEIGHTS_SHA256_PREFIX)
-        except Exception as error:
-            raise MetricInputError(f"FID Inception weights unavailable ({type(error).__name__}); put {FID_WEIGHTS_FILE} "
-                                   f"from {FID_WEIGHTS_URL} at {path} or pass its path (--weights PATH)")
-    sha256 = _file_sha256(path)
-    if not sha256.startswith(FID_WEIGHTS_SHA256_PREFIX):
-        warnings.warn(f"{path} is not the official FID Inception file (sha256 {sha256[:8]}..., expected "
-                      f"{FID_WEIGHTS_SHA256_PREFIX}...): FID values are not comparable with papers", MetricWarning, stacklevel=2)
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise MetricInputError(f"cannot read Inception weights {path}: {type(error).__name__}")
-    model = InceptionV3FID(dims=dims, bn_batch_stats=bn_batch_stats)
-    expected = set(model.state_dict())
-    found = set(state_dict) if isinstance(state_dict, dict) else set()
-    missing = sorted(k for k in expected - found if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(found - expected)
-    if missing or unexpected:
-        raise MetricInputError(f"Inception weights {path} have the wrong keys ({len(missing)} missing, e.g. "
-                               f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}): not an FID Inception file")
-    try:
-        model.load_state_dict(state_dict, strict=not any(k.endswith("num_batches_tracked") for k in expected - found))
-    except RuntimeError as error:
-        raise MetricInputError(f"Inception weights {path} do not fit: {str(error).splitlines()[-1].strip()}")
-    if bn_batch_stats:
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.momentum = 0.0
-    return model.to(device).train(bn_batch_stats)
-
-
-# ---------------------------------------------------------------------------------------------------
 # evaluation: features, statistics, FID
 # ---------------------------------------------------------------------------------------------------
 def _to_rgb(images):
@@ -758,12 +775,15 @@ def fid_from_dirs(dir_a, dir_b, weights=None, batch_size=50, device=None, dims=2
     pytorch-fid's pipeline: PIL RGB / 255 -> InceptionV3FID -> float64 mean and ddof-1 covariance ->
     frechet_distance. Returns a float. Warns (MetricWarning) below 2048 images per set.
     """
-    model = None
-    if not (dir_a.endswith(".npz") and dir_b.endswith(".npz")):
-        for path in (dir_a, dir_b):
-            if not path.endswith(".npz"):
-                list_images(path)  # a bad folder fails before the weights are loaded
-        model = load_inception(weights, device or "cpu", dims, bn_batch_stats)
+    folders = [path for path in (dir_a, dir_b) if not path.endswith(".npz")]
+    for path in (dir_a, dir_b):  # bad input fails before the weights load and the long forward passes
+        if path in folders:
+            if len(list_images(path)) < 2:
+                raise MetricInputError(f"FID needs at least 2 images per set, {path} has 1")
+        elif folders and load_stats(path)[0].shape[0] != dims:
+            raise MetricInputError(f"stats file {path} holds {load_stats(path)[0].shape[0]}-d statistics, "
+                                   f"the folder would give {dims}-d (set dims / --dims)")
+    model = load_inception(weights, device or "cpu", dims, bn_batch_stats) if folders else None
     mu_a, sigma_a, _ = stats_from_path(dir_a, model, batch_size, device, progress)
     mu_b, sigma_b, _ = stats_from_path(dir_b, model, batch_size, device, progress)
     return frechet_distance(mu_a, sigma_a, mu_b, sigma_b, method=frechet_method)
@@ -820,9 +840,11 @@ def run_recon(cfg, real_dir, rec_dir):
         for real_path, rec_path in pairs:
             real, rec = load_image(real_path)[None], load_image(rec_path)[None]  # (1, 3, H, W)
             if real.shape != rec.shape:
-                raise MetricInputError(f"image sizes differ: {real_path} {tuple(real.shape[2:])} vs {rec_path} {tuple(rec.shape[2:])}")
-            if min(real.shape[2:]) < ssim_window(cfg.ssim_convention)[0].numel():
-                raise MetricInputError(f"SSIM needs images of at least 11x11 px (7x7 for skimage_default), "
+                raise MetricInputError(f"image sizes differ: {real_path} {tuple(real.shape[2:])} "
+                                       f"vs {rec_path} {tuple(rec.shape[2:])}")
+            window = ssim_window(cfg.ssim_convention)[0].numel()
+            if min(real.shape[2:]) < window:
+                raise MetricInputError(f"SSIM needs images of at least {window}x{window} px, "
                                        f"{real_path} is {real.shape[2]}x{real.shape[3]}")
             psnr_all.append(psnr(real, rec)[0])
             ssim_all.append(ssim(real, rec, convention=cfg.ssim_convention)[0])
@@ -885,7 +907,8 @@ def run_bench(cfg):
         print(f"features  eval_metrics: {ours_rate:8.2f} images/s")
         reference = _bench_pytorch_fid(images, weights, torch_home, cfg)
         if reference is not None:
-            print(f"features  pytorch-fid : {reference[0]:8.2f} images/s (max |feature difference| {np.abs(reference[1] - features).max():.3g})")
+            difference = np.abs(reference[1] - features).max()
+            print(f"features  pytorch-fid : {reference[0]:8.2f} images/s (max |feature difference| {difference:.3g})")
 
     rng = np.random.default_rng(0)
     mixing = rng.standard_normal((2048, 2048)) / 45.0
@@ -966,7 +989,8 @@ def build_parser():
             spec = fields[field_name]
             flag = "--" + field_name.replace("_", "-")
             if spec.type in (bool, "bool"):
-                sub.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default, help=spec.metadata["help"])
+                sub.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default,
+                                 help=spec.metadata["help"] + f" (default {spec.default})")
             else:
                 kind = {"int": int, "str": str}.get(spec.type, spec.type)
                 sub.add_argument(flag, type=kind, default=spec.default, choices=CHOICES.get(field_name),
@@ -976,10 +1000,17 @@ def build_parser():
 
 def main(argv=None):
     """Parse, run one subcommand; MetricInputError -> 'error: <message>' on stderr and exit code 2."""
-    args = parser_args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     known = {f.name for f in dataclasses.fields(MetricsConfig)}
-    cfg = MetricsConfig(**{k: v for k, v in vars(parser_args).items() if k in known})
-    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
+    cfg = MetricsConfig(**{k: v for k, v in vars(args).items() if k in known})
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", MetricWarning)
+        warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
+        return _run_command(args, cfg)
+
+
+def _run_command(args, cfg):
+    """Dispatch one subcommand; MetricInputError -> one line on stderr, exit code 2."""
     try:
         if cfg.batch_size < 1 or cfg.bench_images < 1 or cfg.bench_size < 1:
             raise MetricInputError("--batch-size, --bench-images and --bench-size must be positive")

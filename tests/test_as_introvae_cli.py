@@ -1,0 +1,235 @@
+"""as_introvae.py end to end on tiny generated data: one smoke run per model through the command line,
+resume equality (N steps in one go == k steps + resume + N - k steps, bit for bit), --eval with an
+Inception (random weights), and every kind of bad input ending in one line and exit 2."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import as_introvae as asv
+import eval_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def images(n, seed, size=16):
+    """n smooth colour patterns plus noise, uint8 (n, size, size, 3)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = []
+    for i in range(n):
+        base = (np.sin(xx / (2 + i % 3) + i) + np.cos(yy / (2 + i % 4))) * 60 + 128
+        out.append(np.stack([base, base[::-1], base[:, ::-1]], -1) + rng.normal(0, 10, (size, size, 3)))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    np.savez(folder / "train.npz", images=images(20, 0))
+    np.savez(folder / "test.npz", images=images(12, 1))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def offline_torch_home(tmp_path, monkeypatch):
+    """No Inception weights anywhere: FID must say how to provide them (and downloads fail offline)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster than two fighting over a shared CPU (and keeps the runs reproducible)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_flags(data, out, *extra):
+    return ["--dataset", "npz", "--data-root", str(data / "train.npz"), "--test-root", str(data / "test.npz"),
+            "--channels", "8,16", "--z-dim", "4", "--batch-size", "8", "--epochs", "3", "--log-every", "1",
+            "--img-every", "2", "--ckpt-every", "2", "--fid-samples", "0", "--num-workers", "0", "--out", str(out),
+            *extra]
+
+
+def run_cli(args, cwd):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "as_introvae.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one smoke run per model through the command line
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model, extra", [("asintrovae", ["--fid-samples", "8"]), ("asintrovae", ["--variant", "official"]),
+                                          ("sintrovae", ["--num-vae", "1"]), ("introvae", []), ("vae", [])])
+def test_smoke_run_per_model(data, tmp_path, model, extra):
+    out = tmp_path / "run"
+    result = run_cli(tiny_flags(data, out, "--model", model, "--max-iters", "4", *extra), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith(f"new run {out}: {model}")
+    for name in ("config.json", "log.jsonl", "curves.png", "grid_0000002.png", "grid_0000004.png", "checkpoint.pt",
+                 "results.json", "samples.png", "interpolation.png", "reconstruction.png"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    loss_keys = {"loss"} if model == "vae" else {"loss_e", "loss_d", "kl_rec", "kl_fake", "kl_diff"}
+    assert loss_keys <= set(records[-1]) and "img_per_s" in records[-1]
+    if model == "asintrovae":
+        assert {"as_dist", "c", "exp_elbo_rec", "exp_elbo_fake"} <= set(records[-1])
+        # T = 3 iterations/epoch * 3 epochs = 9; c is logged for the last step of each record (t = step - 1)
+        schedule = "tanh" if "official" in extra else "linear"
+        assert [r["c"] for r in records] == [asv.annealing_coefficient(r["step"] - 1, 9, schedule) for r in records]
+    results = json.loads((out / "results.json").read_text())
+    rec = results["reconstruction"]
+    assert rec["split"] == "test" and rec["images"] == 12 and 0 < rec["mse"] < 1 and 0 < rec["psnr"] < 60
+    assert results["step"] == 4 and results["bn_mode"] == "train"
+    with Image.open(out / "samples.png") as grid:
+        assert grid.size == (8 * 18 + 2, 8 * 18 + 2)  # 8 x 8 images of 16 px, 2 px padding
+    if "--fid-samples" in extra:  # no weights offline: one line on how to provide them, the rest still ran
+        assert results["fid"]["value"] is None
+        assert sum("FID skipped" in line and "--fid-weights" in line for line in result.stdout.splitlines()) == 1
+
+
+def test_folder_dataset_and_real_cli_exit_code(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, image in enumerate(images(6, 2, size=20)):  # resized to --image-size 16
+        Image.fromarray(image).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    args = ["--dataset", "folder", "--data-root", str(folder), "--image-size", "16", "--channels", "8,16", "--z-dim", "4",
+            "--batch-size", "4", "--epochs", "1", "--model", "vae", "--fid-samples", "0", "--num-workers", "0",
+            "--out", str(out)]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["reconstruction"]["split"].startswith("train") and results["reconstruction"]["images"] == 6
+    result = run_cli(["--dataset", "folder", "--data-root", str(tmp_path / "nowhere")], tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# resume: N steps in one go == k steps + resume + N - k steps, exactly
+# ---------------------------------------------------------------------------------------------------
+def test_resume_equals_one_go(data, tmp_path, capsys):
+    flags = ["--hflip", "1", "--ckpt-every", "3"]  # hflip draws from the training RNG every step
+    assert asv.main(tiny_flags(data, tmp_path / "one_go", "--max-iters", "7", *flags)) == 0
+    assert asv.main(tiny_flags(data, tmp_path / "resumed", "--max-iters", "4", *flags)) == 0  # k = 4: mid-epoch 2
+    capsys.readouterr()
+    assert asv.main(tiny_flags(data, tmp_path / "resumed", "--max-iters", "7", *flags)) == 0
+    first_line = capsys.readouterr().out.splitlines()[0]
+    c_at_4 = asv.annealing_coefficient(4, 9)
+    assert first_line == f"resuming from {tmp_path / 'resumed' / 'checkpoint.pt'} at step 4 of 9 (c = {c_at_4:.6f})"
+
+    one = torch.load(tmp_path / "one_go" / "checkpoint.pt", weights_only=True)
+    two = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert one["step"] == two["step"] == 7
+
+    def assert_identical(a, b, where):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), where
+        elif isinstance(a, dict):
+            assert a.keys() == b.keys(), where
+            for key in a:
+                assert_identical(a[key], b[key], f"{where}.{key}")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                assert_identical(x, y, f"{where}[{i}]")
+        else:
+            assert a == b, where
+
+    for part in ("nets", "opts", "rng"):
+        assert_identical(one[part], two[part], part)
+
+    def log(run):
+        lines = (tmp_path / run / "log.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines]
+
+    assert log("one_go") == log("resumed")  # nothing lost, nothing logged twice
+    assert json.loads((tmp_path / "one_go" / "results.json").read_text())["reconstruction"] == \
+        json.loads((tmp_path / "resumed" / "results.json").read_text())["reconstruction"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# --eval alone, with a (random-weight) FID Inception
+# ---------------------------------------------------------------------------------------------------
+def test_eval_checkpoint_with_fid(data, tmp_path, capsys):
+    assert asv.main(tiny_flags(data, tmp_path / "run", "--max-iters", "2")) == 0
+    weights = tmp_path / "inception.pt"
+    torch.save(eval_metrics.InceptionV3FID().state_dict(), weights)
+    out = tmp_path / "eval"
+    with pytest.warns(eval_metrics.MetricWarning):
+        code = asv.main(["--eval", str(tmp_path / "run" / "checkpoint.pt"), "--fid-weights", str(weights),
+                         "--fid-samples", "5", "--eval-images", "8", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert np.isfinite(results["fid"]["value"]) and results["fid"]["value"] >= 0
+    assert results["fid"]["reference_images"] == 5 and results["fid"]["generated"] == 5
+    assert results["reconstruction"]["images"] == 8 and results["step"] == 2
+    assert (out / "samples.png").is_file() and (out / "interpolation.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: one line, exit 2
+# ---------------------------------------------------------------------------------------------------
+def bad_folder(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(images(1, 0)[0]).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png at all")
+    return ["--dataset", "folder", "--data-root", str(folder), "--image-size", "16", "--channels", "8,16",
+            "--batch-size", "2", "--num-workers", "0", "--out", str(tmp_path / "r")]
+
+
+def corrupt_checkpoint(tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"\x00garbage" * 100)
+    return ["--eval", str(path)]
+
+
+def foreign_checkpoint(tmp_path):
+    torch.save({"model": torch.zeros(2)}, tmp_path / "other.pt")
+    return ["--eval", str(tmp_path / "other.pt")]
+
+
+def empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return ["--dataset", "folder", "--data-root", str(tmp_path / "empty")]
+
+
+BAD_INPUTS = {
+    "unknown dataset": (lambda tmp, data: ["--dataset", "imagenet"], "invalid choice"),
+    "mistyped value": (lambda tmp, data: ["--batch-size", "sixty"], "invalid int value"),
+    "unknown flag": (lambda tmp, data: ["--learning-rate", "1"], "unrecognized arguments"),
+    "missing folder": (lambda tmp, data: ["--dataset", "oxford", "--data-root", str(tmp / "none")], "does not exist"),
+    "empty folder": (lambda tmp, data: empty_folder(tmp), "no images"),
+    "unreadable image": (lambda tmp, data: bad_folder(tmp), "unreadable image"),
+    "missing npz": (lambda tmp, data: ["--dataset", "npz", "--data-root", str(tmp / "x.npz")], "no such .npz"),
+    "wrong size": (lambda tmp, data: tiny_flags(data, tmp / "r", "--image-size", "32"), "this run expects"),
+    "corrupt checkpoint": (lambda tmp, data: corrupt_checkpoint(tmp), "cannot read checkpoint"),
+    "foreign checkpoint": (lambda tmp, data: foreign_checkpoint(tmp), "not an as_introvae.py checkpoint"),
+    "NaN loss": (lambda tmp, data: tiny_flags(data, tmp / "r", "--lr", "1e30"), "non-finite loss at step 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(case, data, tmp_path, capsys):
+    make_args, message = BAD_INPUTS[case]
+    assert asv.main(make_args(tmp_path, data)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("as_introvae.py: error: ") and message in err[0], err
+
+
+def test_mismatched_checkpoint_on_resume(data, tmp_path, capsys):
+    assert asv.main(tiny_flags(data, tmp_path / "run", "--max-iters", "1")) == 0
+    capsys.readouterr()
+    assert asv.main(tiny_flags(data, tmp_path / "run", "--max-iters", "2", "--z-dim", "5")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was made with --z-dim 4, this command has 5" in err[0]

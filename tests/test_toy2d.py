@@ -1,0 +1,375 @@
+"""toy2d.py: datasets, schedules, AS-Distance, losses (hand-worked), stepping, batching, gnELBO, modes."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import toy2d
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def test_8gaussians_centres_radius_and_noise():
+    points = toy2d.sample_8gaussians(16000, gen()).double()
+    assert points.shape == (16000, 2)
+    angle = torch.arange(8, dtype=torch.float64) * math.pi / 4
+    centres = 2 / 1.414 * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+    nearest = torch.cdist(points, centres).argmin(1)
+    residual = points - centres[nearest]
+    assert residual.std(0).numpy() == pytest.approx([0.02 / 1.414] * 2, rel=0.03)
+    assert residual.mean(0).abs().max() < 1e-3
+    share = torch.bincount(nearest, minlength=8).double() / 16000
+    assert (share - 1 / 8).abs().max() < 0.015
+    assert toy2d.mode_stats(points.numpy(), "8gaussians") == (8, 8, pytest.approx(0.989, abs=0.006))
+
+
+def test_checkerboard_support_and_squares():
+    points = toy2d.sample_checkerboard(8000, gen(1)).numpy()
+    assert points.shape == (8000, 2)
+    assert np.abs(points).max() <= 4
+    modes, n_modes, inside = toy2d.mode_stats(points, "checkerboard")
+    assert (modes, n_modes, inside) == (8, 8, 1.0)
+    # the 8 black squares of side 2 at (x, y) cells with floor(x/2) = floor(y/2) mod 2, each 1/8 of the mass
+    cells = np.floor(points / 2).astype(int)
+    assert np.all(cells[:, 0] % 2 == cells[:, 1] % 2)
+    _, counts = np.unique(cells[:, 0] * 10 + cells[:, 1], return_counts=True)
+    assert len(counts) == 8 and np.abs(counts / 8000 - 1 / 8).max() < 0.02
+
+
+def test_spiral_and_rings_shapes_and_structure():
+    assert toy2d.sample_spiral(7, gen()).shape == (7, 2)
+    spiral = toy2d.sample_spiral(10000, gen(2)).numpy()
+    assert np.abs(spiral.mean(0)).max() < 0.1  # two opposite arms
+    assert np.linalg.norm(spiral, axis=1).max() < (3 * math.pi + 0.75) / 3 + 0.6
+    rings = toy2d.sample_rings(10000, gen(3)).numpy()
+    assert rings.shape == (10000, 2)
+    modes, n_modes, hq = toy2d.mode_stats(rings, "rings")
+    assert (modes, n_modes) == (4, 4) and hq > 0.99
+    radius = np.linalg.norm(rings, axis=1)
+    nearest = np.abs(radius[:, None] - np.array(toy2d.RING_RADII)).argmin(1)
+    assert np.abs(np.bincount(nearest) / 10000 - 0.25).max() < 0.02
+    assert np.std(radius[nearest == 0] - 3.0) == pytest.approx(0.08, rel=0.1)
+
+
+def test_mode_stats_hand_cases():
+    centres = 2 / 1.414 * np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    points = np.repeat(centres, 100, axis=0)
+    assert toy2d.mode_stats(points, "8gaussians") == (3, 8, 1.0)
+    assert toy2d.mode_stats(np.zeros((50, 2)), "8gaussians") == (0, 8, 0.0)
+    # 0.5% of the points on a fourth centre: below the 1% coverage threshold
+    few = np.concatenate([points, np.repeat([[0.0, -2 / 1.414]], 1, axis=0)])
+    assert toy2d.mode_stats(few, "8gaussians")[0] == 3
+    assert all(math.isnan(v) for v in toy2d.mode_stats(points, "spiral"))
+
+
+# ---------------------------------------------------------------------------------------------------- schedules
+
+
+def test_annealing_and_learning_rate_schedules():
+    T = 30000
+    assert [toy2d.annealing_c(t, T, "paper") for t in (0, 3000, 6000, 29999)] == [0.0, 0.5, 1.0, 1.0]
+    official = [toy2d.annealing_c(t, T, "official") for t in (0, 3000, 6000, 29999)]
+    assert official == pytest.approx([0.0, 0.46211715726, 0.76159415596, math.tanh(5 * 29999 / 30000)])
+    assert toy2d.schedule(30000) == (2000, (10000, 15000))
+    assert toy2d.schedule(3000) == (200, (1000, 1500))
+    lrs = [toy2d.learning_rate(t, 2e-4, (10000, 15000)) for t in (0, 9999, 10000, 14999, 15000, 29999)]
+    assert lrs == pytest.approx([2e-4, 2e-4, 2e-5, 2e-5, 2e-6, 2e-6])
+
+
+def test_combo_mappings():
+    assert toy2d.combo_betas("C1", "8gaussians", "closest") == (0.3, 0.1, 0.9)
+    assert toy2d.combo_betas("C1", "8gaussians", "literal") == (0.3, 0.9, 0.1)
+    assert toy2d.combo_betas("C3", "rings", "literal") == (0.7, 0.9, 0.2)
+    assert toy2d.combo_betas("tuned", "checkerboard", "literal") == (0.1, 0.2, 0.2)
+
+
+# ---------------------------------------------------------------------------------------------------- AS-Distance
+
+
+def mixture_marginal(u, mu, logvar):
+    """(1/B) sum_i N(u; mu_i, v_i) for one latent dimension, u (U,), mu, logvar (B,)."""
+    var = np.exp(logvar)
+    return np.mean(np.exp(-(u[:, None] - mu) ** 2 / (2 * var)) / np.sqrt(2 * np.pi * var), axis=1)
+
+
+def test_as_distance_equals_integrated_squared_difference_of_marginals():
+    rng = np.random.default_rng(0)
+    B, D = 5, 3
+    mu_a, mu_b = rng.normal(size=(B, D)), rng.normal(0.5, 1.5, size=(B, D))
+    lv_a, lv_b = rng.normal(0, 0.5, size=(B, D)), rng.normal(-0.5, 0.5, size=(B, D))
+    u = np.linspace(-25, 25, 400001)
+    expected = sum(np.trapezoid((mixture_marginal(u, mu_a[:, d], lv_a[:, d])
+                                 - mixture_marginal(u, mu_b[:, d], lv_b[:, d])) ** 2, u) for d in range(D))
+    t = [torch.tensor(v) for v in (mu_a, lv_a, mu_b, lv_b)]
+    got = toy2d.as_distance(*t).item()
+    assert got == pytest.approx(expected, rel=1e-8)
+    # the official reductions (no 2 pi): sum over B*B*D = sqrt(2 pi) B^2 * paper; mean = sqrt(2 pi) / D * paper
+    got_sum = toy2d.as_distance(*t, with_2pi=False, reduction="sum").item()
+    got_mean = toy2d.as_distance(*t, with_2pi=False, reduction="mean").item()
+    assert got_sum == pytest.approx(math.sqrt(2 * math.pi) * B * B * expected, rel=1e-8)
+    assert got_mean == pytest.approx(math.sqrt(2 * math.pi) / D * expected, rel=1e-8)
+
+
+def test_as_distance_zero_on_itself_nonnegative_and_batched():
+    torch.manual_seed(0)
+    mu = torch.randn(7, 16, 2, dtype=torch.float64)
+    logvar = torch.randn(7, 16, 2, dtype=torch.float64)
+    assert torch.allclose(toy2d.as_distance(mu, logvar, mu, logvar), torch.zeros(7, dtype=torch.float64),
+                          atol=1e-14)
+    other_mu, other_lv = torch.randn(7, 16, 2, dtype=torch.float64), torch.randn(7, 16, 2, dtype=torch.float64)
+    stacked = toy2d.as_distance(mu, logvar, other_mu, other_lv)
+    assert stacked.shape == (7,) and (stacked > 0).all()
+    single = toy2d.as_distance(mu[3], logvar[3], other_mu[3], other_lv[3])
+    assert single.item() == pytest.approx(stacked[3].item(), rel=1e-12)
+    # a pair of identical single Gaussians at distance 0 vs two far apart: 2 * 1/sqrt(4 pi v) per dimension
+    far = toy2d.as_distance(torch.zeros(1, 1), torch.zeros(1, 1), torch.full((1, 1), 100.0), torch.zeros(1, 1))
+    assert far.item() == pytest.approx(2 / math.sqrt(4 * math.pi), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+
+
+def T(*rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_sse_and_kl_by_hand():
+    assert toy2d.sse(T([1.0, 0.0], [0.0, 1.0]), T([1.0, 0.0], [0.0, 0.0])).tolist() == [0.0, 1.0]
+    kl = toy2d.kl_prior(T([0.0, 0.0], [1.0, 0.0], [0.0, 0.0]), T([0.0, 0.0], [0.0, 0.0], [math.log(2), 0.0]))
+    assert kl.tolist() == pytest.approx([0.0, 0.5, 0.5 * (1 - math.log(2))])
+
+
+def test_vae_and_introvae_losses_by_hand():
+    sse_real, kl_real = T(0.0, 1.0), T(0.0, 0.5)
+    # 0.5 * [0, 1] + 2 * [0, 0.5] = [0, 1.5] -> 0.75
+    assert toy2d.loss_vae(sse_real, kl_real, 0.5, 2.0).item() == pytest.approx(0.75)
+    kl_r, kl_f = T(1.0, 3.0), T(4.0, 6.0)  # batch means 2 and 5; margin 3 -> hinges 1 and 0
+    # 0.5 * 0.5 + 2 * (0.25 + 0.5 * 1 * (1 + 0)) = 1.75
+    assert toy2d.loss_encoder_introvae(sse_real, kl_real, kl_r, kl_f, 0.5, 2.0, 1.0, 3.0).item() == pytest.approx(1.75)
+    # 0.5 * 0.5 + 0.5 * 2 * (2 + 5) = 7.25
+    assert toy2d.loss_decoder_introvae(sse_real, kl_r, kl_f, 0.5, 2.0).item() == pytest.approx(7.25)
+
+
+def test_soft_and_as_losses_by_hand():
+    e = math.e
+    args = dict(sse_real=T(0.0, 1.0), kl_real=T(0.0, 0.5), sse_r=T(1.0, 0.0), kl_r=T(0.0, 1.0),
+                sse_f=T(0.0, 2.0), kl_f=T(1.0, 1.0), beta_rec=1.0, beta_kl=1.0, beta_neg=1.0, s=0.5)
+    # c = 1 (Soft-IntroVAE): 0.5 * (0.5 + 0.25) + 0.25 * (mean[e^-1, e^-1] + mean[e^-1, e^-3])
+    soft = toy2d.loss_encoder_as(as_dist=123.0, c=1.0, **args).item()
+    assert soft == pytest.approx(0.375 + 0.375 / e + 0.125 / e ** 3)
+    # c = 0.5, AS = 2: exponents r [2, 1.5], f [1.5, 3.5]
+    mixed = toy2d.loss_encoder_as(as_dist=2.0, c=0.5, **args).item()
+    assert mixed == pytest.approx(0.375 + 0.125 * (e ** -2 + 2 * e ** -1.5 + e ** -3.5))
+    dec = dict(sse_real=T(0.0, 1.0), kl_r=T(0.0, 1.0), kl_f=T(1.0, 1.0), sse_rr=T(2.0, 0.0), sse_rf=T(0.0, 4.0),
+               beta_rec=1.0, beta_kl=1.0, gamma_r=0.1, s=0.5)
+    # 0.5 * (0.5 + 0.5 * (0.5 * (0.5 + 1) + 0.5 * 2) + 0.1 * 0.5 * (1 + 2)) = 0.7625
+    assert toy2d.loss_decoder_as(as_dist=2.0, c=0.5, **dec).item() == pytest.approx(0.7625)
+    # c = 1: 0.5 * (0.5 + 0.5 * 1.5 + 0.15) = 0.7
+    assert toy2d.loss_decoder_as(as_dist=2.0, c=1.0, **dec).item() == pytest.approx(0.7)
+
+
+def test_losses_keep_runs_apart():
+    """Stacked (R, B) inputs with (R, 1) betas give each run its own loss, as if computed alone."""
+    torch.manual_seed(1)
+    per = [torch.rand(3, 4, dtype=torch.float64) for _ in range(6)]
+    betas = [torch.rand(3, 1, dtype=torch.float64) for _ in range(3)]
+    as_dist = torch.rand(3, 1, dtype=torch.float64)
+    stacked = toy2d.loss_encoder_as(*per, as_dist, 0.3, *betas, 0.5)
+    for r in range(3):
+        alone = toy2d.loss_encoder_as(*(p[r] for p in per), as_dist[r, 0].item(), 0.3,
+                                      *(b[r, 0].item() for b in betas), 0.5)
+        assert stacked[r].item() == pytest.approx(alone.item(), rel=1e-12)
+    hinge = toy2d.loss_encoder_introvae(per[0], per[1], per[2], per[3], *betas, 1.0)
+    alone = toy2d.loss_encoder_introvae(per[0][2], per[1][2], per[2][2], per[3][2],
+                                        *(b[2, 0].item() for b in betas), 1.0)
+    assert hinge.shape == (3,) and hinge[2].item() == pytest.approx(alone.item(), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- steps
+
+
+def torch_mlp(params):
+    """The same network as toy2d.mlp on run 0, built from nn.Linear (an independent reference)."""
+    layers = []
+    for i in range(len(params) // 2):
+        linear = torch.nn.Linear(params[2 * i].shape[1], params[2 * i].shape[2])
+        with torch.no_grad():
+            linear.weight.copy_(params[2 * i][0].T)
+            linear.bias.copy_(params[2 * i + 1][0, 0])
+        layers += [linear, torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def reference_introspective_step(enc, dec, x, noise, beta_rec, beta_kl, beta_neg, gamma_r, c, variant):
+    """Soft-IntroVAE / AS-IntroVAE iteration written the official way: requires_grad toggling, .backward()."""
+    eps_z, eps_p, eps_r, eps_f, eps_rr, eps_ff = noise
+    opt_e, opt_d = torch.optim.Adam(enc.parameters(), lr=1e-3), torch.optim.Adam(dec.parameters(), lr=1e-3)
+    s = 0.5
+
+    def enc_fn(v):
+        return enc(v).chunk(2, -1)
+
+    def squash(*vs):
+        return [torch.tanh(v) for v in vs] if variant == "official" else list(vs)
+
+    dec.requires_grad_(False)
+    fake = dec(eps_p)
+    mu, lv = enc_fn(x)
+    z = mu + torch.exp(0.5 * lv) * eps_z
+    rec = dec(z)
+    mu_r, lv_r = enc_fn(rec.detach())
+    rr = dec(mu_r + torch.exp(0.5 * lv_r) * eps_r)
+    mu_f, lv_f = enc_fn(fake.detach())
+    rf = dec(mu_f + torch.exp(0.5 * lv_f) * eps_f)
+    kl = toy2d.kl_prior
+    as_e = 0.0
+    if variant is not None:
+        as_e = toy2d.as_distance(*squash(mu_r, lv_r, mu_f, lv_f), with_2pi=variant == "paper",
+                                 reduction="paper" if variant == "paper" else "sum")
+    elbo_r = beta_rec * ((rec - rr) ** 2).sum(1) + beta_neg * (c * kl(mu_r, lv_r) + (1 - c) * as_e)
+    elbo_f = beta_rec * ((fake - rf) ** 2).sum(1) + beta_neg * (c * kl(mu_f, lv_f) + (1 - c) * as_e)
+    loss_e = (s * (beta_rec * ((x - rec) ** 2).sum(1).mean() + beta_kl * kl(mu, lv).mean())
+              + 0.25 * (torch.exp(-2 * s * elbo_r).mean() + torch.exp(-2 * s * elbo_f).mean()))
+    opt_e.zero_grad()
+    loss_e.backward()
+    opt_e.step()
+    dec.requires_grad_(True)
+    enc.requires_grad_(False)
+    rec = dec(z.detach())
+    fake = dec(eps_p)
+    mu_r, lv_r = enc_fn(rec)
+    rr = dec((mu_r + torch.exp(0.5 * lv_r) * eps_rr).detach())
+    mu_f, lv_f = enc_fn(fake)
+    rf = dec((mu_f + torch.exp(0.5 * lv_f) * eps_ff).detach())
+    mu_r, lv_r, mu_f, lv_f = squash(mu_r, lv_r, mu_f, lv_f)
+    as_d = 0.0
+    if variant is not None:
+        as_d = toy2d.as_distance(mu_r, lv_r, mu_f, lv_f, with_2pi=variant == "paper",
+                                 reduction="paper" if variant == "paper" else "mean")
+    loss_d = s * (beta_rec * ((x - rec) ** 2).sum(1).mean()
+                  + 0.5 * beta_kl * (c * (kl(mu_r, lv_r).mean() + kl(mu_f, lv_f).mean()) + (1 - c) * as_d)
+                  + gamma_r * 0.5 * beta_rec * (((rec.detach() - rr) ** 2).sum(1).mean()
+                                                + ((fake.detach() - rf) ** 2).sum(1).mean()))
+    opt_d.zero_grad()
+    loss_d.backward()
+    opt_d.step()
+    enc.requires_grad_(True)
+
+
+@pytest.mark.parametrize("c, variant", [(1.0, None), (0.4, "paper"), (0.4, "official")])
+def test_introspective_step_matches_reference(c, variant):
+    gens = [gen(5)]
+    enc = [p.double().requires_grad_() for p in toy2d.init_mlp([2, 8, 8, 4], gens)]
+    dec = [p.double().requires_grad_() for p in toy2d.init_mlp([2, 8, 8, 2], gens)]
+    ref_enc, ref_dec = torch_mlp(enc).double(), torch_mlp(dec).double()
+    x = toy2d.sample_8gaussians(16, gen(6)).double()
+    noise = torch.randn(6, 16, 2, generator=gen(7), dtype=torch.float64)
+    hp = {"beta_rec": 0.2, "beta_kl": 0.3, "beta_neg": 0.9, "gamma_r": 0.05, "s": 0.5}
+    opt_enc, opt_dec = torch.optim.Adam(enc, lr=1e-3), torch.optim.Adam(dec, lr=1e-3)
+    toy2d.step_introspective(enc, dec, opt_enc, opt_dec, x[None], noise[:, None], hp, c, variant)
+    reference_introspective_step(ref_enc, ref_dec, x, noise, 0.2, 0.3, 0.9, 0.05, c, variant)
+    ours = [p[0].detach() for p in enc + dec]
+    theirs = [q for m in (ref_enc, ref_dec) for layer in m if isinstance(layer, torch.nn.Linear)
+              for q in (layer.weight.detach().T, layer.bias.detach())]
+    before = toy2d.init_mlp([2, 8, 8, 4], [gen(5)]) + toy2d.init_mlp([2, 8, 8, 2], [gen(5)])
+    for mine, ref, init in zip(ours, theirs, before):
+        assert torch.allclose(mine, ref.reshape(mine.shape), atol=1e-10)
+        assert not torch.allclose(mine, init[0].double().reshape(mine.shape))  # every tensor moved
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+
+
+def tiny_config(**kw):
+    base = dict(iters=30, batch_size=16, hidden=8, variant="official", seeds="1,2", n_eval=64, grid=16)
+    base.update(kw)
+    return toy2d.Config(**base)
+
+
+def run_specs(cfg):
+    return [dataclasses.replace(r, dataset=d) for r, d in
+            zip(toy2d.build_runs(cfg), ["8gaussians", "rings", "checkerboard", "spiral"] * 20)]
+
+
+def test_runs_side_by_side_equal_runs_alone_and_nan_stays_in_its_run():
+    cfg = tiny_config(combo="all")
+    runs = run_specs(cfg)
+    assert len(runs) == 24
+    groups = toy2d.build_groups(runs, cfg, torch.device("cpu"))
+    with torch.no_grad():  # run 0 of the AS group diverges at once; its neighbours must not notice
+        groups[3].enc[0][0, 0, 0] = float("nan")
+    toy2d.train(groups, cfg, 0, 8)
+    assert groups[3].first_bad.tolist()[0] == 0 and (groups[3].first_bad[1:] == -1).all()
+    for g in groups:
+        for index in (1, len(g.runs) - 1):
+            alone = toy2d.build_groups([g.runs[index]], cfg, torch.device("cpu"))[0]
+            toy2d.train([alone], cfg, 0, 8)
+            for p_side, p_alone in zip(g.enc + g.dec, alone.enc + alone.dec):
+                assert torch.allclose(p_side[index], p_alone[0], atol=2e-5), (g.method, index)
+
+
+def test_checkpoint_resume_equals_uninterrupted(tmp_path):
+    cfg = tiny_config(iters=60, variant="paper", seeds="3")
+    runs = toy2d.build_runs(cfg)
+    straight = toy2d.build_groups(runs, cfg, torch.device("cpu"))
+    toy2d.train(straight, cfg, 0, 60)
+    first = toy2d.build_groups(runs, cfg, torch.device("cpu"))
+    path = str(tmp_path / "checkpoint.pt")
+    toy2d.train(first, cfg, 0, toy2d.BLOCK, ckpt_path=path)
+    state = torch.load(path, weights_only=False)
+    assert state["iteration"] == toy2d.BLOCK and state["config"] == toy2d.checkpoint_config(cfg)
+    resumed = toy2d.build_groups(runs, cfg, torch.device("cpu"))
+    for g, saved in zip(resumed, state["groups"]):
+        g.load(saved)
+    toy2d.train(resumed, cfg, toy2d.BLOCK, 60)
+    for g_a, g_b in zip(straight, resumed):
+        for p_a, p_b in zip(g_a.enc + g_a.dec, g_b.enc + g_b.dec):
+            assert torch.equal(p_a, p_b)
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+
+def zero_networks(last_bias=(0.0, 0.0), hidden=4):
+    enc = [torch.zeros(1, a, b) for a, b in ((2, hidden), (hidden, 4))]
+    enc = [enc[0], torch.zeros(1, 1, hidden), enc[1], torch.zeros(1, 1, 4)]
+    dec = [torch.zeros(1, 2, hidden), torch.zeros(1, 1, hidden), torch.zeros(1, hidden, 2),
+           torch.tensor([[list(last_bias)]])]
+    return enc, dec
+
+
+def test_gnelbo_normalisation_closed_form():
+    """Zero networks: mu = logvar = 0 (KL = 0) and Dec = 0, so L(x) = ||x||^2 and gnELBO has a closed form."""
+    enc, dec = zero_networks()
+    real = toy2d.sample_8gaussians(300, gen(8)).view(1, 300, 2)
+    gnelbo, density = toy2d.grid_evaluation(enc, dec, torch.tensor([2.0]), real, 32, 32)
+    axis = np.linspace(-2, 2, 32)
+    grid_sum = 2 * 32 * np.sum(axis ** 2)
+    loss_real = (real.double() ** 2).sum(-1).numpy()[0]
+    assert gnelbo[0] == pytest.approx(loss_real.mean() / (grid_sum + loss_real.sum()), rel=1e-6)
+    assert density.shape == (1, 32, 32)
+    assert density[0, 0, 0] == pytest.approx(math.exp(-8.0), rel=1e-5)  # corner (-2, 2)
+
+
+def test_density_orientation_and_pooling():
+    """Dec = (1, 0.5) everywhere: exp(-L) peaks at x = 1, y = 0.5, i.e. row 3 (from y = +2), column 6."""
+    enc, dec = zero_networks(last_bias=(1.0, 0.5))
+    real = torch.zeros(1, 10, 2)
+    _, density = toy2d.grid_evaluation(enc, dec, torch.tensor([2.0]), real, 9, 9)
+    assert np.unravel_index(density[0].argmax(), (9, 9)) == (3, 6)
+    _, pooled = toy2d.grid_evaluation(enc, dec, torch.tensor([2.0]), real, 16, 4)
+    _, full = toy2d.grid_evaluation(enc, dec, torch.tensor([2.0]), real, 16, 16)
+    assert np.allclose(pooled[0], full[0].reshape(4, 4, 4, 4).mean((1, 3)), atol=1e-6)
+
+
+def test_jet_colormap_ends():
+    colours = toy2d.jet(np.array([[0.0, 0.5, 1.0]]))
+    assert colours[0, 0].tolist() == [0, 0, 127] and colours[0, 2].tolist() == [127, 0, 0]
+    assert colours[0, 1].tolist() == [127, 255, 127]

@@ -1,0 +1,104 @@
+"""toy2d.py through its command line: a tiny full run, resume, and one-line rejection of bad flags."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import toy2d as toy2d_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--iters", "12", "--batch-size", "32", "--hidden", "16", "--n-eval", "300", "--grid", "64"]
+KEYS = {"dataset", "method", "combo", "variant", "seed", "iters", "kl_paper", "jsd_paper", "kl", "jsd", "gnelbo",
+        "modes", "hq_fraction", "seconds"}
+
+
+def toy2d(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "toy2d.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy2d") / "run"
+    result = toy2d("--combo", "C2", *TINY, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_smoke_run_writes_results_samples_and_pngs(smoke):
+    out, result = smoke
+    records = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in records] == ["vae", "introvae", "sintrovae", "asintrovae"]
+    for r in records:
+        assert KEYS <= set(r)
+        assert (r["dataset"], r["combo"], r["variant"], r["seed"], r["iters"]) == ("8gaussians", "C2", "paper", 92, 12)
+        assert (r["beta_kl"], r["beta_rec"], r["beta_neg"]) == (0.5, 0.1, 0.9)
+        assert r["kl_paper"] >= 0 and 0 <= r["jsd"] <= np.log(2) + 1e-9 and 0 < r["gnelbo"] < 1
+        assert 0 <= r["modes"] <= 8 and 0 <= r["hq_fraction"] <= 1
+        tag = f"8gaussians_{r['method']}_C2_92"
+        samples = np.load(out / f"samples_{tag}.npy")
+        assert samples.shape == (300, 2) and np.isfinite(samples).all()
+        for kind in ("scatter", "density"):
+            with Image.open(out / f"{kind}_{tag}.png") as image:
+                assert image.mode == "RGB" and min(image.size) > 64
+    with Image.open(out / "overview_8gaussians_92.png") as image:
+        assert image.width > 4 * 64 and image.height > 64  # 1 row (C2) x 4 columns
+    table = result.stdout.splitlines()
+    assert any(line.startswith("8gaussians   AS-IntroVAE C2") for line in table)
+    assert "ms/iteration" not in result.stdout
+
+
+def test_rerun_resumes_from_checkpoint_with_same_results(smoke, capsys):
+    out, _ = smoke
+    before = json.loads((out / "results.json").read_text())
+    assert toy2d_module.main(["--combo", "C2", *TINY, "--out", str(out)]) == 0
+    assert "at iteration 12" in capsys.readouterr().out
+    after = json.loads((out / "results.json").read_text())
+    for a, b in zip(before, after):
+        assert a["kl_paper"] == b["kl_paper"] and a["gnelbo"] == b["gnelbo"]
+
+
+def test_checkpoint_from_other_flags_is_refused(smoke, capsys):
+    out, _ = smoke
+    assert toy2d_module.main(["--combo", "C1", *TINY, "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "other flags" in lines[0]
+
+
+def test_bad_flag_through_the_real_command_line():
+    result = toy2d("--combo", "C4")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("toy2d.py: error: argument --combo: invalid choice")
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--dataset", "moons"], "--dataset"),
+    (["--methods", "vae,gan"], "--methods"),
+    (["--seeds", "1,x"], "--seeds"),
+    (["--iters", "ten"], "--iters"),
+    (["--variant", "Paper"], "--variant"),
+    (["--comb", "C1"], "--comb"),
+    (["--grid", "1000"], "--grid"),
+    (["--iters", "0"], "--iters"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
+def test_bad_flags_get_one_line_and_exit_2(args, word, capsys):
+    with pytest.raises(SystemExit) as stop:
+        toy2d_module.main(args)
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and word in lines[0], lines
+
+
+def test_bench_prints_ms_per_iteration_and_writes_nothing(tmp_path, capsys):
+    args = ["--bench", "2", "--methods", "sintrovae,asintrovae", "--batch-size", "16", "--hidden", "8"]
+    assert toy2d_module.main(args + ["--out", str(tmp_path / "none")]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs side by side (sintrovae x1, asintrovae x1)" in out and "ms/iteration" in out
+    assert not (tmp_path / "none").exists()
