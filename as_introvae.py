@@ -61,46 +61,46 @@ class TrainingDiverged(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 # config
 # ---------------------------------------------------------------------------------------------------
-def opt(default, help):
+def option(default, help):
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
-    dataset: str = opt("cifar10", "mnist | fmnist | cifar10 | svhn | celeba128 | celeba256 | oxford | folder | npz")
-    data_root: str = opt("data", "torchvision root, image folder, or .npz file with uint8 `images` (N, H, W[, C])")
-    test_root: str = opt("", "folder / npz only: test split (folder or .npz); none: reconstructions use training images")
-    image_size: int = opt(32, "image side in pixels; folder datasets are resized (bicubic) to it")
-    model: str = opt("asintrovae", "asintrovae | sintrovae | introvae | vae")
-    variant: str = opt("paper", "AS-IntroVAE losses: paper (Eq. 7-9 as written) | official (the released code)")
-    channels: tuple = opt((64, 128, 256), "encoder channel list, e.g. 64,128,256; the decoder mirrors it")
-    z_dim: int = opt(128, "latent size D")
-    batch_size: int = opt(64, "images per iteration (the last batch of an epoch may be smaller)")
-    epochs: int = opt(150, "epochs; T = iterations per epoch * epochs sets the annealing (Eq. 9)")
-    lr: float = opt(2e-4, "Adam learning rate of both networks, betas (0.9, 0.999)")
-    beta_rec: float = opt(1.0, "weight of the reconstruction error")
-    beta_kl: float = opt(1.0, "weight of the real data's KL (and of the decoder's adversarial KL)")
-    beta_neg: float = opt(256.0, "Soft/AS: KL weight inside the exponent; IntroVAE: weight of the hinges")
-    gamma_r: float = opt(1e-8, "weight of the re-reconstruction error in the decoder loss")
-    margin: float = opt(10.0, "IntroVAE hinge margin m")
-    num_vae: int = opt(0, "epochs of plain-VAE warm-up before the introspective losses")
-    ema_decay: float = opt(0.999, "decay of the decoder's exponential moving average (samples, FID)")
-    hflip: bool = opt(False, "mirror training images left-right at random (the official code does for file datasets)")
-    seed: int = opt(0, "seed of the weights, the noise and the data order")
-    out: str = opt("", "run folder; default runs/<dataset>_<model>[_official]_s<seed>")
-    max_iters: int = opt(0, "stop after this many iterations (0: all epochs); does not change T")
-    log_every: int = opt(100, "iterations between log.jsonl records and progress lines")
-    img_every: int = opt(1000, "iterations between image grids")
-    ckpt_every: int = opt(1000, "iterations between checkpoints (one is also written at the end)")
-    num_workers: int = opt(4, "DataLoader workers for image folders (arrays are indexed in memory)")
-    device: str = opt("auto", "auto | cpu | cuda (all visible GPUs, nn.DataParallel)")
-    bf16: bool = opt(True, "CUDA only: bf16 autocast for the networks; losses and exp terms stay float32")
-    eval: str = opt("", "evaluate this checkpoint into results.json and exit")
-    eval_images: int = opt(10000, "test images for PSNR / SSIM / MSE and sharpness (0: all)")
-    fid_samples: int = opt(50000, "EMA-decoder samples for FID, and at most as many training images (0: no FID)")
-    fid_weights: str = opt("", "FID Inception weights file; default the torch hub cache (downloads when online)")
-    bn_mode: str = opt("train", "BatchNorm for samples, reconstructions and FID: train (batch stats) | eval")
-    bench: int = opt(0, "time this many iterations on synthetic data at the preset's shapes and exit")
+    dataset: str = option("cifar10", "mnist | fmnist | cifar10 | svhn | celeba128 | celeba256 | oxford | folder | npz")
+    data_root: str = option("data", "torchvision root, image folder, or .npz file with uint8 `images` (N, H, W[, C])")
+    test_root: str = option("", "folder / npz only: test split (folder or .npz); none: reconstructions use training images")
+    image_size: int = option(32, "image side in pixels; folder datasets are resized (bicubic) to it")
+    model: str = option("asintrovae", "asintrovae | sintrovae | introvae | vae")
+    variant: str = option("paper", "AS-IntroVAE losses: paper (Eq. 7-9 as written) | official (the released code)")
+    channels: tuple = option((64, 128, 256), "encoder channel list, e.g. 64,128,256; the decoder mirrors it")
+    z_dim: int = option(128, "latent size D")
+    batch_size: int = option(64, "images per iteration (the last batch of an epoch may be smaller)")
+    epochs: int = option(150, "epochs; T = iterations per epoch * epochs sets the annealing (Eq. 9)")
+    lr: float = option(2e-4, "Adam learning rate of both networks, betas (0.9, 0.999)")
+    beta_rec: float = option(1.0, "weight of the reconstruction error")
+    beta_kl: float = option(1.0, "weight of the real data's KL (and of the decoder's adversarial KL)")
+    beta_neg: float = option(256.0, "Soft/AS: KL weight inside the exponent; IntroVAE: weight of the hinges")
+    gamma_r: float = option(1e-8, "weight of the re-reconstruction error in the decoder loss")
+    margin: float = option(10.0, "IntroVAE hinge margin m")
+    num_vae: int = option(0, "epochs of plain-VAE warm-up before the introspective losses")
+    ema_decay: float = option(0.999, "decay of the decoder's exponential moving average (samples, FID)")
+    hflip: bool = option(False, "mirror training images left-right at random (the official code does for file datasets)")
+    seed: int = option(0, "seed of the weights, the noise and the data order")
+    out: str = option("", "run folder; default runs/<dataset>_<model>[_official]_s<seed>")
+    max_iters: int = option(0, "stop after this many iterations (0: all epochs); does not change T")
+    log_every: int = option(100, "iterations between log.jsonl records and progress lines")
+    img_every: int = option(1000, "iterations between image grids")
+    ckpt_every: int = option(1000, "iterations between checkpoints (one is also written at the end)")
+    num_workers: int = option(4, "DataLoader workers for image folders (arrays are indexed in memory)")
+    device: str = option("auto", "auto | cpu | cuda (all visible GPUs, nn.DataParallel)")
+    bf16: bool = option(True, "CUDA only: bf16 autocast for the networks; losses and exp terms stay float32")
+    eval: str = option("", "evaluate this checkpoint into results.json and exit")
+    eval_images: int = option(10000, "test images for PSNR / SSIM / MSE and sharpness (0: all)")
+    fid_samples: int = option(50000, "EMA-decoder samples for FID, and at most as many training images (0: no FID)")
+    fid_weights: str = option("", "FID Inception weights file; default the torch hub cache (downloads when online)")
+    bn_mode: str = option("train", "BatchNorm for samples, reconstructions and FID: train (batch stats) | eval")
+    bench: int = option(0, "time this many iterations on synthetic data at the preset's shapes and exit")
 
 
 CHOICES = {
@@ -128,7 +128,6 @@ PRESETS["oxford"] = {**PRESETS["celeba128"], "z_dim": 128, "beta_kl": 1.0}
 SIZE_PRESET = {28: "mnist", 32: "cifar10", 128: "celeba128", 256: "celeba256"}  # folder / npz: the row of that size
 MODEL_PRESETS = {"introvae": dict(beta_rec=0.05, beta_kl=1.0, beta_neg=0.5)}  # IntroVAE as the AS paper ran it
 TORCHVISION_SETS = ("mnist", "fmnist", "cifar10", "svhn")
-FOLDER_SETS = ("celeba128", "celeba256", "oxford", "folder")
 IMAGE_CHANNELS = {"mnist": 1, "fmnist": 1}  # everything else is RGB (npz: from the array)
 # Flags that steer a run or its evaluation but not what is trained: they may change on resume / --eval.
 RUN_FLAGS = {"data_root", "test_root", "out", "max_iters", "log_every", "img_every", "ckpt_every", "num_workers",
@@ -313,7 +312,8 @@ def torchvision_images(name, root, train):
 def load_data(cfg):
     """-> (train set, evaluation set, name of the evaluation split). Both give uint8 (C, H, W) images."""
     if cfg.dataset in TORCHVISION_SETS:
-        train, test = torchvision_images(cfg.dataset, cfg.data_root, True), torchvision_images(cfg.dataset, cfg.data_root, False)
+        train = torchvision_images(cfg.dataset, cfg.data_root, train=True)
+        test = torchvision_images(cfg.dataset, cfg.data_root, train=False)
         split = "test"
     elif cfg.dataset == "npz":
         train = npz_images(cfg.data_root)
@@ -798,9 +798,9 @@ def set_rng_state(state):
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(path, nets, opts, step, total_iters, cfg):
+def save_checkpoint(path, nets, opts, step, epoch, total_iters, cfg):
     """Write atomically: a temp file in the same folder, flushed to disk, then renamed over the old one."""
-    state = {"step": step, "total_iters": total_iters, "config": dataclasses.asdict(cfg), "rng": rng_state(),
+    state = {"step": step, "epoch": epoch, "total_iters": total_iters, "config": dataclasses.asdict(cfg), "rng": rng_state(),
              "nets": {name: unwrap(net).state_dict() for name, net in nets.items()},
              "opts": {name: o.state_dict() for name, o in opts.items()}}
     tmp = f"{path}.tmp"
@@ -983,6 +983,7 @@ def train(cfg):
     grid_real = to_float(next(ordered_batches(train_set, cfg.batch_size, cfg.batch_size, 0)), device)
     grid_noise = torch.randn(grid_real.shape[0], cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     schedule = "tanh" if cfg.model == "asintrovae" and cfg.variant == "official" else "linear"
+    progress_end = "\r" if sys.stdout.isatty() else "\n"  # one line rewritten in a terminal, a line per log in a file
     sums, count, images_seen, tick = {}, 0, 0, time.perf_counter()
     epoch = step // iters_per_epoch
     while step < stop:
@@ -996,12 +997,12 @@ def train(cfg):
             step_fn = vae_step if epoch < cfg.num_vae else TRAIN_STEPS[cfg.model]
             stats = step_fn(nets, opts, x, cfg, c, s, amp)
             update_ema(nets["ema"], unwrap(nets["decoder"]), cfg.ema_decay)
-            losses = torch.stack([v for k, v in stats.items() if k.startswith("loss")])
-            if not torch.isfinite(losses).all():
+            losses = {k: v for k, v in stats.items() if k.startswith("loss")}
+            if not torch.isfinite(torch.stack(list(losses.values()))).all():
                 last = load_checkpoint(ckpt_path)["step"] if os.path.exists(ckpt_path) else None
-                raise TrainingDiverged(
-                    f"non-finite loss at step {step + 1} ({', '.join(f'{k} {v.item():.4g}' for k, v in stats.items() if k.startswith('loss'))}); "
-                    + (f"last good checkpoint: {ckpt_path} (step {last})" if last is not None else "no checkpoint yet"))
+                values = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+                raise TrainingDiverged(f"non-finite loss at step {step + 1} ({values}); " + (
+                    f"last good checkpoint: {ckpt_path} (step {last})" if last is not None else "no checkpoint yet"))
             step += 1
             count += 1
             images_seen += x.shape[0]
@@ -1021,16 +1022,18 @@ def train(cfg):
                 keys = [k for k in ("loss_e", "loss_d", "loss", "rec", "kl_real", "kl_fake", "kl_rec", "exp_elbo_fake",
                                     "as_dist", "c") if k in record]
                 print(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{stop} | {rate:.0f} img/s | ETA {format_seconds(eta)}"
-                      f" | " + " ".join(f"{k} {record[k]:.4g}" for k in keys), flush=True)
+                      f" | " + " ".join(f"{k} {record[k]:.4g}" for k in keys), end=progress_end, flush=True)
                 plot_curves(records, os.path.join(out_dir, "curves.png"), CURVE_KEYS)
                 sums, count, images_seen, tick = {}, 0, 0, time.perf_counter()
             if step % cfg.img_every == 0 or step == stop:
                 training_grid(nets, grid_real, grid_noise, cfg.bn_mode, amp, os.path.join(out_dir, f"grid_{step:07d}.png"))
             if step % cfg.ckpt_every == 0 or step == stop:
-                save_checkpoint(ckpt_path, nets, opts, step, total_iters, cfg)
+                save_checkpoint(ckpt_path, nets, opts, step, step // iters_per_epoch, total_iters, cfg)
             if step >= stop:
                 break
         epoch += 1
+    if progress_end == "\r":
+        print()
     if state is not None and state["step"] >= stop:
         print(f"training already done at step {state['step']} (stop at {stop}); evaluating", flush=True)
     results = evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir)
@@ -1095,12 +1098,13 @@ def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir):
             mu = encoder(first[0].to(device))[0]  # (B, z)
             weights = torch.linspace(0, 1, 8, device=device)[None, :, None]  # (1, 8, 1)
             path = (1 - weights) * mu[:pairs, None] + weights * mu[pairs:2 * pairs, None]  # (pairs, 8, z)
-            frames = decoder(path.reshape(-1, cfg.z_dim)).view(pairs, 8, *first[0].shape[1:])
+            frames = decoder(path.reshape(-1, cfg.z_dim)).reshape(pairs, 8, *first[0].shape[1:])
         rows = [torch.cat([first[0][i:i + 1], frames[i].float().cpu(), first[0][pairs + i:pairs + i + 1]])
                 for i in range(pairs)]
-        save_grid(rows, os.path.join(out_dir, "interpolation.png"), nrow=10)
-        results["images"] = {"reconstruction": "reconstruction.png", "samples": "samples.png",
-                             "interpolation": "interpolation.png"}
+        results["images"] = {"reconstruction": "reconstruction.png", "samples": "samples.png"}
+        if rows:
+            save_grid(rows, os.path.join(out_dir, "interpolation.png"), nrow=10)
+            results["images"]["interpolation"] = "interpolation.png"
         results["fid"] = fid_of_samples(cfg, sample, train_set, device)
     return results
 

@@ -786,7 +786,7 @@ def main(argv=None):
     start, train_seconds = 0, 0.0
     if os.path.exists(ckpt_path):
         try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as err:  # a torn or foreign file: say so in one line
             print(f"toy2d.py: error: cannot read checkpoint {ckpt_path}: {err}", file=sys.stderr)
             return 2

@@ -51,8 +51,10 @@ def test_as_distance_one_pair_by_hand():
 def test_as_distance_equals_squared_l2_between_batch_mixture_marginals():
     """AS = sum_d integral (p_a,d - p_b,d)^2 du, checked by quadrature; hence AS >= 0 and AS(a, a) = 0."""
     gen = torch.Generator().manual_seed(3)
-    mu_a, mu_b = torch.rand(3, 2, generator=gen, dtype=torch.float64) * 2 - 1, torch.rand(4, 2, generator=gen, dtype=torch.float64) * 2 - 1
-    lv_a, lv_b = torch.rand(3, 2, generator=gen, dtype=torch.float64) - 1, torch.rand(4, 2, generator=gen, dtype=torch.float64) - 0.5
+    def uniform(rows, low, high):
+        return low + (high - low) * torch.rand(rows, 2, generator=gen, dtype=torch.float64)
+
+    mu_a, mu_b, lv_a, lv_b = uniform(3, -1, 1), uniform(4, -1, 1), uniform(3, -1, 0), uniform(4, -0.5, 0.5)
     u = np.linspace(-15, 15, 300001)
 
     def mixture(mu, logvar, d):  # the batch's 1-D marginal density in dimension d on the grid u
@@ -124,8 +126,9 @@ def test_as_intro_encoder_loss():
     assert loss.item() == pytest.approx(1.5 + 0.25 * (E(-2) + E(-1.5)), rel=1e-12)  # 1.5896
     # c = 1 is Soft-IntroVAE whatever the AS value
     args = (t(2.0, 5.0), t(1.0, 0.5), t(1.0, 3.0), t(0.2, 0.7), t(0.3, 0.1), t(1.0, 2.0))
-    assert asv.as_intro_encoder_loss(*args, as_dist=t(9.0)[0], c=1.0, s=0.1, beta_rec=1.0, beta_kl=1.0, beta_neg=2.0).item() \
-        == asv.soft_intro_encoder_loss(*args, s=0.1, beta_rec=1.0, beta_kl=1.0, beta_neg=2.0).item()
+    betas = dict(s=0.1, beta_rec=1.0, beta_kl=1.0, beta_neg=2.0)
+    assert asv.as_intro_encoder_loss(*args, as_dist=t(9.0)[0], c=1.0, **betas).item() == \
+        asv.soft_intro_encoder_loss(*args, **betas).item()
 
 
 def test_as_intro_decoder_loss():
@@ -163,9 +166,11 @@ def test_resblock_skip_is_identity_only_when_channels_match():
 # ---------------------------------------------------------------------------------------------------
 def test_presets_and_overrides():
     cfg = asv.make_config({"dataset": "mnist"})
-    assert (cfg.image_size, cfg.channels, cfg.z_dim, cfg.batch_size, cfg.epochs, cfg.beta_neg) == (28, (64, 128), 32, 128, 100, 256.0)
+    assert (cfg.image_size, cfg.channels, cfg.z_dim, cfg.batch_size, cfg.epochs, cfg.beta_neg) == \
+        (28, (64, 128), 32, 128, 100, 256.0)
     cfg = asv.make_config({"dataset": "celeba256", "beta_neg": 512.0})
-    assert (cfg.channels, cfg.beta_kl, cfg.beta_neg, cfg.margin, cfg.hflip) == ((64, 128, 256, 512, 512, 512), 0.5, 512.0, 120.0, True)
+    assert (cfg.channels, cfg.beta_kl, cfg.beta_neg, cfg.margin, cfg.hflip) == \
+        ((64, 128, 256, 512, 512, 512), 0.5, 512.0, 120.0, True)
     cfg = asv.make_config({"dataset": "oxford", "model": "introvae"})
     assert (cfg.z_dim, cfg.beta_rec, cfg.beta_kl, cfg.beta_neg, cfg.margin) == (128, 0.05, 1.0, 0.5, 100.0)
     cfg = asv.make_config({"dataset": "folder", "image_size": 256})

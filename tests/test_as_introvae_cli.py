@@ -121,6 +121,8 @@ def test_resume_equals_one_go(data, tmp_path, capsys):
     flags = ["--hflip", "1", "--ckpt-every", "3"]  # hflip draws from the training RNG every step
     assert asv.main(tiny_flags(data, tmp_path / "one_go", "--max-iters", "7", *flags)) == 0
     assert asv.main(tiny_flags(data, tmp_path / "resumed", "--max-iters", "4", *flags)) == 0  # k = 4: mid-epoch 2
+    with open(tmp_path / "resumed" / "log.jsonl", "a") as log_file:  # as if killed after logging step 5, before its checkpoint
+        log_file.write(json.dumps({"step": 5, "epoch": 2, "loss_e": 0.0}) + "\n")
     capsys.readouterr()
     assert asv.main(tiny_flags(data, tmp_path / "resumed", "--max-iters", "7", *flags)) == 0
     first_line = capsys.readouterr().out.splitlines()[0]
@@ -129,7 +131,7 @@ def test_resume_equals_one_go(data, tmp_path, capsys):
 
     one = torch.load(tmp_path / "one_go" / "checkpoint.pt", weights_only=True)
     two = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
-    assert one["step"] == two["step"] == 7
+    assert one["step"] == two["step"] == 7 and one["epoch"] == two["epoch"] == 2  # 3 iterations per epoch
 
     def assert_identical(a, b, where):
         if isinstance(a, torch.Tensor):

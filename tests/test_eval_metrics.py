@@ -56,6 +56,10 @@ def test_frechet_closed_forms(method):
     mu_a, mu_b = np.zeros(16), np.full(16, 0.5)
     expected = 16 * 0.25 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
     assert em.frechet_distance(mu_a, np.diag(a), mu_b, np.diag(b), method=method) == pytest.approx(expected, rel=1e-12)
+    # singular S1 (no Cholesky factor: the eigh square root): tr sqrt(S1 S2) = 0 + 0 + sqrt(4 * 1)
+    singular1, singular2 = np.diag([0.0, 1.0, 4.0]), np.diag([9.0, 0.0, 1.0])
+    singular_fid = em.frechet_distance(np.zeros(3), singular1, np.ones(3), singular2, method=method)
+    assert singular_fid == pytest.approx(3 + 5 + 10 - 4, abs=1e-12)
 
 
 def test_frechet_float32_input_is_upcast():

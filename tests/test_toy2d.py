@@ -323,7 +323,7 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     first = toy2d.build_groups(runs, cfg, torch.device("cpu"))
     path = str(tmp_path / "checkpoint.pt")
     toy2d.train(first, cfg, 0, toy2d.BLOCK, ckpt_path=path)
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     assert state["iteration"] == toy2d.BLOCK and state["config"] == toy2d.checkpoint_config(cfg)
     resumed = toy2d.build_groups(runs, cfg, torch.device("cpu"))
     for g, saved in zip(resumed, state["groups"]):
