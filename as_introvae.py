@@ -1,5 +1,6 @@
-"""AS-IntroVAE (Lu et al., ACML 2022) and its baselines VAE, IntroVAE and Soft-IntroVAE on images:
-the models, the losses, the annealing schedule and the training loop, in one file.
+"""AS-IntroVAE (Lu et al., ACML 2022) and its baselines VAE, IntroVAE and Soft-IntroVAE on images, plus the
+sharpened VAEs of the AVAE-S paper (VAE-S, AVAE, AVAE-S): the models, the losses, the annealing schedule and
+the training loop, in one file.
 
     python as_introvae.py --dataset cifar10                                  # AS-IntroVAE with the paper's settings
     python as_introvae.py --dataset mnist --data-root ../shared/data         # a local torchvision root
@@ -8,12 +9,15 @@ the models, the losses, the annealing schedule and the training loop, in one fil
     python as_introvae.py --dataset folder --data-root my_images --image-size 128
     python as_introvae.py --dataset cifar10 --model sintrovae                # or introvae, vae: same nets, same loop
     python as_introvae.py --dataset cifar10 --variant official               # what the released AS code computes
+    python as_introvae.py --dataset mnist --data-root ../shared/data --model vae-s           # AVAE-S paper baselines:
+    python as_introvae.py --dataset mnist --data-root ../shared/data --model avae-s --pretrain-epochs 100 --adv-epochs 50
+    python as_introvae.py --dataset celeba96 --data-root img_align_celeba --model avae-s     # Table I network, 96 px
     python as_introvae.py --eval runs/cifar10_asintrovae_s0/checkpoint.pt    # PSNR/SSIM/MSE, FID, grids -> results.json
     python as_introvae.py --dataset cifar10 --bench 20                       # ms/iteration, img/s, peak memory
 
 A run writes runs/<dataset>_<model>[_official]_s<seed>/ (or --out); rerunning the same command after a
 kill resumes from its checkpoint.pt. Every loss follows ../shared/spec/algorithm.md. "Eq. N" is the
-AS-IntroVAE paper's equation N unless another paper is named.
+AS-IntroVAE paper's equation N unless another paper is named; "AVAE-S Eq. N" is ../shared/papers/avae-s.md's.
 """
 import argparse
 import contextlib
@@ -39,7 +43,7 @@ import torchvision
 from PIL import Image, ImageDraw
 
 from eval_metrics import (MetricInputError, Progress, frechet_distance, load_inception, mse, psnr, sharpness, ssim,
-                          stats_from_batches, stats_from_generator)
+                          ssim_torch, stats_from_batches, stats_from_generator)
 
 
 class ConfigError(ValueError):
@@ -67,12 +71,14 @@ def option(default, help):
 
 @dataclass
 class Config:
-    dataset: str = option("cifar10", "mnist | fmnist | cifar10 | svhn | celeba128 | celeba256 | oxford | folder | npz")
+    dataset: str = option("cifar10", "mnist | fmnist | cifar10 | svhn | celeba96 | celeba128 | celeba256 | oxford | "
+                                     "folder | npz")
     data_root: str = option("data", "torchvision root, image folder, or .npz file with uint8 `images` (N, H, W[, C])")
     test_root: str = option("", "folder / npz only: test split (folder or .npz); none: reconstructions use training images")
     image_size: int = option(32, "image side in pixels; folder datasets are resized (bicubic) to it")
-    model: str = option("asintrovae", "asintrovae | sintrovae | introvae | vae")
+    model: str = option("asintrovae", "asintrovae | sintrovae | introvae | vae | vae-s | avae | avae-s (AVAE-S paper)")
     variant: str = option("paper", "AS-IntroVAE losses: paper (Eq. 7-9 as written) | official (the released code)")
+    arch: str = option("resnet", "resnet (the shared ResNet VAE) | avae (AVAE-S Table I; image side divisible by 16)")
     channels: tuple = option((64, 128, 256), "encoder channel list, e.g. 64,128,256; the decoder mirrors it")
     z_dim: int = option(128, "latent size D")
     batch_size: int = option(64, "images per iteration (the last batch of an epoch may be smaller)")
@@ -84,6 +90,16 @@ class Config:
     gamma_r: float = option(1e-8, "weight of the re-reconstruction error in the decoder loss")
     margin: float = option(10.0, "IntroVAE hinge margin m")
     num_vae: int = option(0, "epochs of plain-VAE warm-up before the introspective losses")
+    pretrain_epochs: int = option(100, "avae / avae-s: epochs of VAE / VAE-S pre-training (AVAE-S Sec. III: 100)")
+    adv_epochs: int = option(50, "avae / avae-s: epochs of adversarial fine-tuning after it (the paper gives none)")
+    lambda_batches: int = option(0, "vae-s / avae-s: batches probed before AVAE-S Eq. 5's lambdas freeze (0: one epoch)")
+    tc_estimator: str = option("mss", "AVAE-S Eq. 10 on a minibatch: mss (stratified) | mws (weighted), beta-TCVAE's")
+    beta_tc: float = option(1.0, "vae-s / avae-s: weight of the total-correlation KL (AVAE-S Eq. 11: 1)")
+    adv_loss: str = option("minimax", "VAE's adversarial term: minimax log(1 - Dis(rec)) (AVAE-S Eq. 11-12) | "
+                                      "nonsaturating -log Dis(rec)")
+    beta_adv: float = option(1.0, "avae / avae-s: weight of the VAE's adversarial term (AVAE-S Eq. 11: 1)")
+    disc_train_below: float = option(0.7, "AVAE-S Algorithm 1: the discriminator steps while its batch accuracy < this")
+    adv_use_above: float = option(0.5, "AVAE-S Algorithm 1: the VAE gets the adversarial term while accuracy > this")
     ema_decay: float = option(0.999, "decay of the decoder's exponential moving average (samples, FID)")
     hflip: bool = option(False, "mirror training images left-right at random (the official code does for file datasets)")
     seed: int = option(0, "seed of the weights, the noise and the data order")
@@ -104,9 +120,12 @@ class Config:
 
 
 CHOICES = {
-    "dataset": ("mnist", "fmnist", "cifar10", "svhn", "celeba128", "celeba256", "oxford", "folder", "npz"),
-    "model": ("asintrovae", "sintrovae", "introvae", "vae"),
+    "dataset": ("mnist", "fmnist", "cifar10", "svhn", "celeba96", "celeba128", "celeba256", "oxford", "folder", "npz"),
+    "model": ("asintrovae", "sintrovae", "introvae", "vae", "vae-s", "avae", "avae-s"),
     "variant": ("paper", "official"),
+    "arch": ("resnet", "avae"),
+    "tc_estimator": ("mss", "mws"),
+    "adv_loss": ("minimax", "nonsaturating"),
     "device": ("auto", "cpu", "cuda"),
     "bn_mode": ("train", "eval"),
 }
@@ -125,6 +144,14 @@ PRESETS = {
 PRESETS["fmnist"] = PRESETS["mnist"]
 PRESETS["svhn"] = PRESETS["cifar10"]
 PRESETS["oxford"] = {**PRESETS["celeba128"], "z_dim": 128, "beta_kl": 1.0}
+# AVAE-S Sec. III: 96 x 96 CelebA, Table I's network, latent 32, 100 epochs of pre-training; batch size and
+# augmentation are not given (none here). channels are for --arch resnet (one stage per halving of 96).
+PRESETS["celeba96"] = {**PRESETS["celeba128"], "image_size": 96, "channels": (64, 128, 256, 512, 512), "z_dim": 32,
+                       "beta_kl": 1.0, "hflip": False, "arch": "avae", "pretrain_epochs": 100}
+SHARP_MODELS = ("vae-s", "avae-s")  # AVAE-S Eq. 5's reconstruction loss and Eq. 10's total correlation
+ADVERSARIAL_MODELS = ("avae", "avae-s")  # pre-training, then AVAE-S Algorithm 1's adversarial fine-tuning
+TABLE_I_WIDTHS = (24, 48, 96, 192)  # AVAE-S Table I's conv widths (--arch avae); each halves the image side
+GABOR_MAX_KERNEL = 17  # side of the largest kernel of gabor_kernels() (wavelength 8 px): the smallest image
 SIZE_PRESET = {28: "mnist", 32: "cifar10", 128: "celeba128", 256: "celeba256"}  # folder / npz: the row of that size
 MODEL_PRESETS = {"introvae": dict(beta_rec=0.05, beta_kl=1.0, beta_neg=0.5)}  # IntroVAE as the AS paper ran it
 TORCHVISION_SETS = ("mnist", "fmnist", "cifar10", "svhn")
@@ -188,6 +215,11 @@ def make_config(given):
         size = given.get("image_size", PRESETS[dataset]["image_size"])
     row = PRESETS.get(dataset) or PRESETS.get(SIZE_PRESET.get(size), {"channels": default_channels(size)})
     values = {**row, "image_size": size, **MODEL_PRESETS.get(given.get("model", Config.model), {}), **given}
+    if values.get("model", Config.model) in ADVERSARIAL_MODELS:
+        if "epochs" in given:
+            raise ConfigError("--epochs does not apply to avae / avae-s: the run is --pretrain-epochs + --adv-epochs")
+        values["epochs"] = (values.get("pretrain_epochs", Config.pretrain_epochs)
+                            + values.get("adv_epochs", Config.adv_epochs))
     cfg = Config(**values)
     validate(cfg)
     return cfg
@@ -195,7 +227,10 @@ def make_config(given):
 
 def validate(cfg):
     positive = ("image_size", "z_dim", "batch_size", "epochs", "log_every", "img_every", "ckpt_every")
-    non_negative = ("max_iters", "num_vae", "seed", "num_workers", "eval_images", "fid_samples", "bench")
+    non_negative = ("max_iters", "num_vae", "seed", "num_workers", "eval_images", "fid_samples", "bench",
+                    "pretrain_epochs", "adv_epochs", "lambda_batches")
+    if cfg.model in ADVERSARIAL_MODELS and cfg.pretrain_epochs + cfg.adv_epochs < 1:
+        raise ConfigError("avae / avae-s need --pretrain-epochs + --adv-epochs >= 1")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -204,15 +239,42 @@ def validate(cfg):
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not (cfg.lr > 0 and 0 <= cfg.ema_decay < 1):
         raise ConfigError(f"need --lr > 0 and 0 <= --ema-decay < 1, got {cfg.lr} and {cfg.ema_decay}")
-    stride = 2 ** len(cfg.channels)
-    if cfg.image_size % stride:
-        raise ConfigError(f"--image-size {cfg.image_size} is not divisible by 2^{len(cfg.channels)} = {stride} "
-                          f"(one halving per entry of --channels {','.join(map(str, cfg.channels))})")
+    if cfg.arch == "avae":
+        if cfg.image_size % 2 ** len(TABLE_I_WIDTHS):
+            raise ConfigError(f"--arch avae needs an --image-size divisible by 16 (Table I halves it 4 times), "
+                              f"got {cfg.image_size}")
+    elif cfg.image_size % 2 ** len(cfg.channels):
+        raise ConfigError(f"--image-size {cfg.image_size} is not divisible by 2^{len(cfg.channels)} = "
+                          f"{2 ** len(cfg.channels)} (one halving per entry of --channels {','.join(map(str, cfg.channels))})")
+    if cfg.model in ADVERSARIAL_MODELS and cfg.epochs != cfg.pretrain_epochs + cfg.adv_epochs:
+        raise ConfigError(f"{cfg.model}: epochs ({cfg.epochs}) must be --pretrain-epochs + --adv-epochs "
+                          f"({cfg.pretrain_epochs} + {cfg.adv_epochs})")
+    if cfg.model in SHARP_MODELS + ADVERSARIAL_MODELS and cfg.num_vae:
+        raise ConfigError(f"--num-vae is the introspective methods' warm-up; {cfg.model} pre-trains with "
+                          f"--pretrain-epochs (avae, avae-s) or not at all (vae-s)")
+    if cfg.model in SHARP_MODELS and cfg.image_size < GABOR_MAX_KERNEL:
+        raise ConfigError(f"{cfg.model} needs images of at least {GABOR_MAX_KERNEL} px (the largest Gabor kernel of "
+                          f"AVAE-S Eq. 7), got --image-size {cfg.image_size}")
+    if (cfg.model in SHARP_MODELS or cfg.arch == "avae") and cfg.batch_size < 2:
+        raise ConfigError(f"--batch-size must be at least 2 for {cfg.model} / --arch {cfg.arch} (AVAE-S Eq. 10's "
+                          f"minibatch estimator and Table I's BatchNorm1d need 2 images)")
 
 
 def run_name(cfg):
     official = "_official" if cfg.model == "asintrovae" and cfg.variant == "official" else ""
-    return f"{cfg.dataset}_{cfg.model}{official}_s{cfg.seed}"
+    arch = "_tableI" if cfg.arch == "avae" else ""
+    return f"{cfg.dataset}_{cfg.model}{official}{arch}_s{cfg.seed}"
+
+
+def check_batch_sizes(cfg, train_images, eval_images):
+    """With drop_last=False an epoch (or the evaluation) can end on a single image, which AVAE-S Eq. 10's
+    minibatch estimator and Table I's BatchNorm1d layers cannot take: refuse before anything runs."""
+    if not (cfg.model in SHARP_MODELS or cfg.arch == "avae"):
+        return
+    for what, count, flag in (("training set", train_images, "--batch-size"), ("evaluation", eval_images, "--eval-images")):
+        if count % cfg.batch_size == 1:
+            raise ConfigError(f"the {what} ({count} images) ends on a batch of 1 at --batch-size {cfg.batch_size}, which "
+                              f"{cfg.model} / --arch {cfg.arch} cannot take: change {flag}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,17 +446,24 @@ class ResBlock(nn.Module):
         return self.act(self.body(x) + self.skip(x))
 
 
+def encoder_convs(image_channels, channels, pool):
+    """The encoder's convolutional part: conv5x5-BN-LeakyReLU(0.2)-pool, per further channel entry
+    ResBlock-pool, a final ResBlock. pool: nn.AvgPool2d (the encoder) or nn.MaxPool2d (the discriminator).
+    (B, C, H, W) -> (B, channels[-1], H / 2^len(channels), W / 2^len(channels))."""
+    layers = [nn.Conv2d(image_channels, channels[0], 5, padding=2, bias=False), nn.BatchNorm2d(channels[0]),
+              nn.LeakyReLU(0.2), pool(2)]
+    for c_in, c_out in zip(channels[:-1], channels[1:]):
+        layers += [ResBlock(c_in, c_out), pool(2)]
+    layers.append(ResBlock(channels[-1], channels[-1]))
+    return nn.Sequential(*layers)
+
+
 class Encoder(nn.Module):
     """x (B, C, H, W) -> mu, logvar, each (B, z_dim) in float32."""
 
     def __init__(self, image_channels, channels, image_size, z_dim):
         super().__init__()
-        layers = [nn.Conv2d(image_channels, channels[0], 5, padding=2, bias=False), nn.BatchNorm2d(channels[0]),
-                  nn.LeakyReLU(0.2), nn.AvgPool2d(2)]
-        for c_in, c_out in zip(channels[:-1], channels[1:]):
-            layers += [ResBlock(c_in, c_out), nn.AvgPool2d(2)]
-        layers.append(ResBlock(channels[-1], channels[-1]))
-        self.conv = nn.Sequential(*layers)
+        self.conv = encoder_convs(image_channels, channels, nn.AvgPool2d)
         side = image_size // 2 ** len(channels)
         self.fc = nn.Linear(channels[-1] * side * side, 2 * z_dim)
 
@@ -421,10 +490,113 @@ class Decoder(nn.Module):
         return self.conv(self.fc(z).view(z.shape[0], -1, self.side, self.side)).float()
 
 
-def build_networks(image_channels, channels, image_size, z_dim):
-    """The encoder and decoder every method here shares."""
+class Discriminator(nn.Module):
+    """Dis(x) of AVAE-S Eq. 11 for --arch resnet: "the encoder with max pooling for down-sampling" (AVAE-S
+    Sec. III). Our encoder down-samples with AvgPool2d, not strided convs, so MaxPool2d takes its place; the
+    head is one logit (the sigmoid lives in the losses). (B, C, H, W) -> logits (B,) in float32."""
+
+    def __init__(self, image_channels, channels, image_size):
+        super().__init__()
+        self.conv = encoder_convs(image_channels, channels, nn.MaxPool2d)
+        side = image_size // 2 ** len(channels)
+        self.fc = nn.Linear(channels[-1] * side * side, 1)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1)).float().view(-1)
+
+
+# AVAE-S Table I (--arch avae), verbatim (encoder | decoder):
+#   24 conv. 3x3, stride 1, bnorm, ReLU   | 48 fully-connected, bnorm, tanh
+#   24 conv. 4x4, stride 2, bnorm, ReLU   | 6x6x192 fully-connected, bnorm, tanh
+#   48 conv. 3x3, stride 1, bnorm, ReLU   | 192 conv. 3x3, bnorm, ReLU, NN_upsample
+#   48 conv. 4x4, stride 2, bnorm, ReLU   | 192 conv. 3x3, bnorm, ReLU
+#   96 conv. 3x3, stride 1, bnorm, ReLU   | 96 conv. 3x3, bnorm, ReLU, NN_upsample
+#   96 conv. 4x4, stride 2, bnorm, ReLU   | 96 conv. 3x3, bnorm, ReLU
+#   192 conv. 3x3, stride 1, bnorm, ReLU  | 48 conv. 3x3, bnorm, ReLU, NN_upsample
+#   192 conv. 4x4, stride 2, bnorm, ReLU  | 48 conv. 3x3, bnorm, ReLU
+#   48 fully-connected, bnorm, tanh       | 24 conv. 3x3, bnorm, ReLU, NN_upsample
+#   32 latent dim, z_mean, z_sigma        | 24 conv. 3x3, bnorm, ReLU
+#   32 sampling layer, z_sample           | 3 conv_transpose 1x1, sigmoid
+# Padding "same" (3x3: pad 1; 4x4 stride 2: pad 1, which halves the side), so 96 px -> 6 x 6. Convs before a
+# BatchNorm have no bias (the BatchNorm shift replaces it). The sampling layer is reparameterize().
+class AVAEEncoder(nn.Module):
+    """Table I encoder: x (B, C, S, S) -> mu, logvar, each (B, z_dim) in float32; S divisible by 16 (96 in the paper)."""
+
+    def __init__(self, image_channels, image_size, z_dim, widths=TABLE_I_WIDTHS):
+        super().__init__()
+        side = image_size // 2 ** len(widths)
+        layers, c_in = [], image_channels
+        for width in widths:
+            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                       nn.Conv2d(width, width, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            c_in = width
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Sequential(nn.Linear(widths[-1] * side * side, 48, bias=False), nn.BatchNorm1d(48), nn.Tanh())
+        self.fc_mu = nn.Linear(48, z_dim)
+        # DEVIATION: Table I names the second head z_sigma; it outputs log-variance here, like every encoder in
+        # this file, so the shared KL and reparameterisation apply unchanged.
+        self.fc_logvar = nn.Linear(48, z_dim)
+
+    def forward(self, x):
+        h = self.fc(self.conv(x).flatten(1))  # (B, 48)
+        return self.fc_mu(h).float(), self.fc_logvar(h).float()
+
+
+class AVAEDecoder(nn.Module):
+    """Table I decoder: z (B, z_dim) -> image (B, C, S, S) in (0, 1) (sigmoid output), float32. Nearest-neighbour
+    upsampling after the first conv of each width (AVAE-S Sec. III: no checkerboard artifacts)."""
+
+    def __init__(self, image_channels, image_size, z_dim, widths=TABLE_I_WIDTHS):
+        super().__init__()
+        self.side, self.top = image_size // 2 ** len(widths), widths[-1]
+        flat = self.top * self.side * self.side
+        self.fc = nn.Sequential(nn.Linear(z_dim, 48, bias=False), nn.BatchNorm1d(48), nn.Tanh(),
+                                nn.Linear(48, flat, bias=False), nn.BatchNorm1d(flat), nn.Tanh())
+        layers, c_in = [], self.top
+        for width in reversed(widths):  # 192, 96, 48, 24
+            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                       nn.Upsample(scale_factor=2, mode="nearest"),
+                       nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            c_in = width
+        layers += [nn.ConvTranspose2d(c_in, image_channels, 1), nn.Sigmoid()]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.conv(self.fc(z).view(z.shape[0], self.top, self.side, self.side)).float()
+
+
+class AVAEDiscriminator(nn.Module):
+    """Dis(x) for --arch avae: Table I's encoder with each 4x4 stride-2 conv replaced by MaxPool2d(2) (AVAE-S
+    Sec. III), its 48-unit fully-connected layer (bnorm, tanh), then one logit. (B, C, S, S) -> logits (B,)."""
+
+    def __init__(self, image_channels, image_size, widths=TABLE_I_WIDTHS):
+        super().__init__()
+        side = image_size // 2 ** len(widths)
+        layers, c_in = [], image_channels
+        for width in widths:
+            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = width
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Sequential(nn.Linear(widths[-1] * side * side, 48, bias=False), nn.BatchNorm1d(48), nn.Tanh(),
+                                nn.Linear(48, 1))
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1)).float().view(-1)
+
+
+def build_networks(image_channels, channels, image_size, z_dim, arch="resnet"):
+    """The encoder and decoder every method here shares: the ResNet VAE, or AVAE-S Table I's (arch "avae")."""
+    if arch == "avae":
+        return AVAEEncoder(image_channels, image_size, z_dim), AVAEDecoder(image_channels, image_size, z_dim)
     return (Encoder(image_channels, channels, image_size, z_dim),
             Decoder(image_channels, channels, image_size, z_dim))
+
+
+def build_discriminator(image_channels, channels, image_size, arch="resnet"):
+    """Dis of AVAE-S Eq. 11 for the chosen architecture."""
+    if arch == "avae":
+        return AVAEDiscriminator(image_channels, image_size)
+    return Discriminator(image_channels, channels, image_size)
 
 
 def reparameterize(mu, logvar):
@@ -561,6 +733,206 @@ def as_intro_decoder_loss(rec_err, kl_r, kl_f, rec_err_rr, rec_err_rf, as_dist, 
                                    s, beta_rec, beta_kl, gamma_r)
 
 
+# AVAE-S (Naderi, Haji Soleimani, Matwin; ../shared/papers/avae-s.md). Reconstruction terms are PER SAMPLE (B,),
+# summed over pixels / maps like sse(); the total correlation is a property of the batch (a scalar).
+REC_TERMS = ("mae", "mse", "1-ssim", "sobel", "gabor")  # the five terms of AVAE-S Eq. 5, in the paper's order
+
+
+def loss_mae(x, rec):
+    """L_MAE of AVAE-S Eq. 5 (Algorithm 1: ||X - X~||_1): sum_p |x_p - rec_p| per sample. (B, ...) x 2 -> (B,).
+    (L_MSE, ||X - X~||_2 read as the squared error, is sse(): lambda_MSE = 1 alone is the `vae` baseline.)"""
+    return (x - rec).abs().flatten(1).sum(dim=1)
+
+
+def loss_1_ssim(x, rec):
+    """L_1-SSIM of AVAE-S Eq. 5 and 8: 1 - SSIM(x, rec) per sample, in [0, 2]. (B, C, H, W) x 2 -> (B,).
+
+    SSIM is eval_metrics.ssim_torch, the function that scores SSIM at evaluation (Wang et al. 2004 with
+    alpha = beta = gamma = 1 in Eq. 8: 11-tap Gaussian window, sigma 1.5, valid region, data range 1),
+    differentiable. rec is not clamped here (eval_metrics.ssim clamps): a clamp would zero the gradient
+    of out-of-range pixels.
+    """
+    return 1.0 - ssim_torch(x, rec, data_range=1.0)
+
+
+def sobel_edges(x):
+    """E_Sobel of AVAE-S Eq. 6: the two 3x3 Sobel gradient maps of every channel, valid region.
+
+    G_x = [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]] as a cross-correlation (F.conv2d; positive on a dark-to-bright
+    step from left to right), G_y = G_x transposed; one scale, unnormalised (Eq. 5's lambda absorbs the scale).
+    Both maps rather than the magnitude sqrt(G_x^2 + G_y^2), whose gradient is undefined on flat regions.
+    (B, C, H, W) -> (B, 2C, H - 2, W - 2), channels (c0 G_x, c0 G_y, c1 G_x, ...).
+    """
+    g_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype, device=x.device)
+    kernels = torch.stack([g_x, g_x.t()]).unsqueeze(1)  # (2, 1, 3, 3)
+    return F.conv2d(x, kernels.repeat(x.shape[1], 1, 1, 1), groups=x.shape[1])
+
+
+def loss_sobel(x, rec):
+    """L_Sobel, AVAE-S Eq. 6: ||E_Sobel(x) - E_Sobel(rec)||^2 summed over both maps of every channel, per sample
+    (B,). Squared, as Algorithm 1's ||.||_2 for L_MSE."""
+    return (sobel_edges(x) - sobel_edges(rec)).pow(2).flatten(1).sum(dim=1)
+
+
+def gabor_kernels(wavelengths=(4.0, 8.0), orientations_deg=(0.0, 45.0, 90.0, 135.0), gamma=1.0):
+    """The fixed Gabor bank T_Gabor of AVAE-S Eq. 7 (the paper gives no parameters): one (K, 1, k, k) float64
+    tensor per scale, K = 2 * len(orientations) (an even and an odd kernel per orientation).
+
+    Per scale: wavelength lam px, sigma = lam / 2 (about a 1.1-octave bandwidth), radius ceil(2 sigma), so
+    k = 9 at lam 4 and 17 at lam 8; orientation theta = the direction of the carrier's wave vector, from the
+    column axis towards the row axis (theta = 0 responds to vertical edges):
+        g(u, v) = exp(-(u'^2 + gamma^2 v'^2) / (2 sigma^2)) cos(2 pi u' / lam - psi) / Z,   psi in {0, pi / 2}
+        u' = u cos(theta) + v sin(theta),  v' = -u sin(theta) + v cos(theta),  u = column, v = row offset
+    Z = the envelope's sum (responses stay in image units at every scale); then each kernel's mean is subtracted
+    so a flat region gives 0 (brightness is L_MAE's and L_MSE's job). Order: (theta0 even, theta0 odd, theta1 ...).
+    """
+    bank = []
+    for lam in wavelengths:
+        sigma = lam / 2.0
+        radius = int(math.ceil(2.0 * sigma))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        v, u = torch.meshgrid(offsets, offsets, indexing="ij")  # v: row offset, u: column offset
+        kernels = []
+        for theta in (math.radians(deg) for deg in orientations_deg):
+            u_rot = u * math.cos(theta) + v * math.sin(theta)
+            v_rot = -u * math.sin(theta) + v * math.cos(theta)
+            envelope = torch.exp(-(u_rot ** 2 + gamma ** 2 * v_rot ** 2) / (2.0 * sigma ** 2))
+            for psi in (0.0, math.pi / 2.0):
+                kernel = envelope * torch.cos(2.0 * math.pi * u_rot / lam - psi) / envelope.sum()
+                kernels.append(kernel - kernel.mean())
+        bank.append(torch.stack(kernels).unsqueeze(1))
+    return bank
+
+
+def gabor_responses(x, kernels):
+    """T_Gabor of AVAE-S Eq. 7: every kernel of every scale on every channel, valid region.
+    x (B, C, H, W), H and W >= the largest kernel; kernels: gabor_kernels() (moved to x's device and dtype).
+    Returns one (B, C K, H - k + 1, W - k + 1) tensor per scale."""
+    responses = []
+    for bank in kernels:
+        if bank.shape[-1] > min(x.shape[-2:]):
+            raise ValueError(f"Gabor kernel {bank.shape[-1]}x{bank.shape[-1]} is larger than the "
+                             f"{x.shape[-2]}x{x.shape[-1]} images")
+        bank = bank.to(device=x.device, dtype=x.dtype)
+        responses.append(F.conv2d(x, bank.repeat(x.shape[1], 1, 1, 1), groups=x.shape[1]))
+    return responses
+
+
+def loss_gabor(x, rec, kernels):
+    """L_Gabor, AVAE-S Eq. 7: ||T_Gabor(x) - T_Gabor(rec)||^2 summed over scales, kernels, channels and positions,
+    per sample (B,). Squared, as L_Sobel."""
+    total = 0.0
+    for response_x, response_rec in zip(gabor_responses(x, kernels), gabor_responses(rec, kernels)):
+        total = total + (response_x - response_rec).pow(2).flatten(1).sum(dim=1)
+    return total
+
+
+def reconstruction_terms(x, rec, kernels):
+    """The five unweighted terms of AVAE-S Eq. 5, {name: (B,)} in REC_TERMS order (logged, and weighed by loss_rec)."""
+    return {"mae": loss_mae(x, rec), "mse": sse(x, rec), "1-ssim": loss_1_ssim(x, rec),
+            "sobel": loss_sobel(x, rec), "gabor": loss_gabor(x, rec, kernels)}
+
+
+def loss_rec(terms, weights):
+    """L_REC, AVAE-S Eq. 5: lambda_1 L_MAE + lambda_2 L_MSE + lambda_3 L_1-SSIM + lambda_4 L_Sobel + lambda_5 L_Gabor.
+    terms: {name: (B,)} from reconstruction_terms; weights: {name: lambda}, the same names. Returns (B,)."""
+    if set(terms) != set(weights):
+        raise ValueError(f"terms {sorted(terms)} and weights {sorted(weights)} name different losses")
+    return sum(weights[name] * terms[name] for name in terms)
+
+
+def balance_weights(term_means, reference="mse"):
+    """The lambdas of AVAE-S Eq. 5 from the terms' magnitudes: lambda_i = mean_reference / mean_i.
+
+    The paper sets the lambdas "so that all of the losses stay in the same scale", by example (Sec. III: mean
+    L1 30 and L2 900 -> lambda_L1 = 30, L2 weighted 1), from the terms probed over one epoch. So every weighted
+    term starts at the reference's magnitude and lambda_MSE = 1. term_means: {name: mean of that unweighted
+    per-sample term over the probe batches}. Returns {name: lambda} as floats, to be frozen.
+    """
+    if reference not in term_means:
+        raise ValueError(f"the reference term {reference!r} is missing from {sorted(term_means)}")
+    for name, value in term_means.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"cannot balance the loss terms: mean of {name!r} is {value!r}, need a positive finite number")
+    return {name: float(term_means[reference]) / float(value) for name, value in term_means.items()}
+
+
+def total_correlation(z, mu, logvar, dataset_size, estimator="mss"):
+    """L_KL-TC, AVAE-S Eq. 10: KL(q(z) || prod_j q(z_j)), estimated on the minibatch as in beta-TCVAE (Chen, Li,
+    Grosse, Duvenaud, "Isolating Sources of Disentanglement in VAEs", NeurIPS 2018, Sec. 3 and App. C). A scalar.
+
+    z, mu, logvar: (M, D), z_i drawn from q(z | x_i); dataset size N >= M >= 2.
+    TC ~= 1/M sum_i [ log q(z_i) - sum_d log q(z_id) ],  q(z_i) = sum_j w_ij q(z_i | x_j),  q(z_id) likewise
+    per dimension with the diagonal Gaussian posteriors:
+      "mss" (default), minibatch-stratified sampling: w_ii = 1/N, w_ij = (N - 1) / (N (M - 1)) for j != i
+            (x_i's own posterior with its true weight plus the other N - 1 points estimated from the M - 1
+            others); unbiased for q(z_i), exact when M = N.
+      "mws", minibatch-weighted sampling (beta-TCVAE's Sec. 3 estimator): w_ij = 1 / (N M) for all j.
+    """
+    batch = z.shape[0]
+    if batch < 2 or dataset_size < batch:
+        raise ValueError(f"total correlation needs 2 <= batch size ({batch}) <= dataset size ({dataset_size})")
+    # log q(z_id | x_j) for every pair: (M, M, D), row i = sample, column j = posterior
+    log_q_pairs = -0.5 * (math.log(2.0 * math.pi) + logvar.unsqueeze(0)
+                          + (z.unsqueeze(1) - mu.unsqueeze(0)).pow(2) * torch.exp(-logvar.unsqueeze(0)))
+    # DEVIATION: MSS by default, not MWS (the issue's example). MWS's weights sum to 1/N instead of 1, which
+    # shifts the joint by -log N and the product of marginals by -D log N: on a factorised q(z) (every posterior
+    # N(0, I)) MWS returns (D - 1) log N (341 nats at D = 32, N = 60000) where the truth and MSS give 0.
+    if estimator == "mss":
+        log_w = torch.full((batch, batch), math.log((dataset_size - 1) / (dataset_size * (batch - 1))),
+                           dtype=z.dtype, device=z.device)
+        log_w.fill_diagonal_(-math.log(dataset_size))
+    elif estimator == "mws":
+        log_w = torch.full((batch, batch), -math.log(dataset_size * batch), dtype=z.dtype, device=z.device)
+    else:
+        raise ValueError(f"unknown total-correlation estimator {estimator!r}: use 'mss' or 'mws'")
+    log_q_joint = torch.logsumexp(log_q_pairs.sum(dim=2) + log_w, dim=1)  # (M,)
+    log_q_marginals = torch.logsumexp(log_q_pairs + log_w.unsqueeze(2), dim=1)  # (M, D)
+    return (log_q_joint - log_q_marginals.sum(dim=1)).mean()
+
+
+def vae_s_loss(rec_loss, kl, tc, beta_rec, beta_kl, beta_tc):
+    """L_VAE of AVAE-S Eq. 11 (VAE-S): mean_i (beta_rec L_REC_i + beta_kl KL_i) + beta_tc TC, with L_REC of Eq. 5
+    (B,), KL of Eq. 4 (B,) and the batch's TC of Eq. 10 (a scalar); the paper's weights are all 1."""
+    return (beta_rec * rec_loss + beta_kl * kl).mean() + beta_tc * tc
+
+
+def loss_dis(logits_real, logits_rec):
+    """L_Dis, AVAE-S Eq. 11, as the binary cross-entropy the discriminator minimises, per sample (B,):
+        -[log Dis(x) + log(1 - Dis(x~))] = softplus(-l_real) + softplus(l_rec),   Dis = sigmoid(logit).
+    Eq. 11 writes the log-likelihood that Dis maximises (Eq. 12); Algorithm 1's descent step needs its negative.
+    Pass the reconstructions' logits detached so only the discriminator learns from it."""
+    return F.softplus(-logits_real) + F.softplus(logits_rec)
+
+
+def loss_adv(logits_rec, form="minimax"):
+    """The VAE's adversarial term of AVAE-S Eq. 11-12, per sample (B,), added to L_VAE while the gate allows:
+    "minimax" (default): log(1 - Dis(x~)) = -softplus(l_rec), the generator's side of Eq. 11-12 read literally
+        (L_AVAE = L_VAE + L_Dis; the log Dis(x) part has no VAE gradient);
+    "nonsaturating": -log Dis(x~) = softplus(-l_rec) (Goodfellow et al. 2014's recommended form)."""
+    # DEVIATION: Algorithm 1 writes L_AVAE = L_VAE + log Dis(X~); minimised, that pushes reconstructions towards
+    # "fake", the opposite of Eq. 12. Both forms here have Eq. 12's sign.
+    if form == "minimax":
+        return -F.softplus(logits_rec)
+    if form == "nonsaturating":
+        return F.softplus(-logits_rec)
+    raise ValueError(f"unknown adversarial loss form {form!r}: use 'minimax' or 'nonsaturating'")
+
+
+def discriminator_accuracy(logits_real, logits_rec):
+    """Accuracy_Dis of AVAE-S Algorithm 1 on one batch: the fraction of the 2B images classified correctly (real:
+    logit > 0, reconstruction: logit < 0; a logit of exactly 0 is wrong). A float (one host sync)."""
+    correct = (logits_real > 0).sum() + (logits_rec < 0).sum()
+    return float(correct) / float(logits_real.numel() + logits_rec.numel())
+
+
+def adversarial_gates(accuracy, disc_train_below=0.7, adv_use_above=0.5):
+    """AVAE-S Algorithm 1's gates from the discriminator's accuracy on this batch, both strict as written:
+    -> (train_disc = accuracy < 0.7: the discriminator steps, use_adv = accuracy > 0.5: L_VAE gets the
+    adversarial term)."""
+    return accuracy < disc_train_below, accuracy > adv_use_above
+
+
 # ---------------------------------------------------------------------------------------------------
 # training steps: step(nets, opts, x, cfg, c, s, amp) -> dict of detached 0-d tensors (no GPU sync)
 # ---------------------------------------------------------------------------------------------------
@@ -569,23 +941,105 @@ def set_requires_grad(module, flag):
         parameter.requires_grad_(flag)
 
 
-def vae_step(nets, opts, x, cfg, c, s, amp):
-    """Plain VAE (and the introspective methods' warm-up): one step of both networks on vae_loss."""
-    encoder, decoder = nets["encoder"], nets["decoder"]
-    set_requires_grad(encoder, True)
-    set_requires_grad(decoder, True)
+def new_vae_s_state(dataset_size, probe_batches, device):
+    """What the VAE-S loss carries through a run: the Gabor bank (float32 on the device), N for Eq. 10, and the
+    lambda probe of Eq. 5 (sums of the unweighted terms' batch means, the batches seen, the frozen lambdas)."""
+    return {"kernels": [k.to(device, torch.float32) for k in gabor_kernels()], "dataset_size": dataset_size,
+            "probe_batches": probe_batches, "term_count": 0, "rec_weights": None,
+            "term_sums": {name: torch.zeros((), dtype=torch.float64, device=device) for name in REC_TERMS}}
+
+
+def probe_rec_weights(vae_s_state, terms):
+    """AVAE-S Eq. 5's lambdas for this batch. During the first probe_batches batches the unweighted terms' batch
+    means are summed (on the device, no sync) and the loss is the plain SSE (lambda_MSE = 1, the others 0); at
+    the last probe batch balance_weights freezes the lambdas (one host sync, once) for the rest of the run."""
+    if vae_s_state["rec_weights"] is not None:
+        return vae_s_state["rec_weights"]
+    for name, term in terms.items():
+        vae_s_state["term_sums"][name] = vae_s_state["term_sums"][name] + term.detach().mean().double()
+    vae_s_state["term_count"] += 1
+    if vae_s_state["term_count"] >= vae_s_state["probe_batches"]:
+        count = vae_s_state["term_count"]
+        try:
+            vae_s_state["rec_weights"] = balance_weights(
+                {name: (total / count).item() for name, total in vae_s_state["term_sums"].items()})
+        except ValueError as error:
+            raise TrainingDiverged(f"AVAE-S Eq. 5's lambdas after {count} probe batches: {error}")
+    return {name: float(name == "mse") for name in REC_TERMS}
+
+
+def vae_objective(nets, x, cfg, amp, vae_s_state=None):
+    """x through the VAE -> (L_VAE, rec, logged values): the negative beta-ELBO (vae_loss, Eq. 1) or, given
+    vae_s_state, AVAE-S Eq. 11's L_VAE (vae_s_loss: Eq. 5's L_REC + Eq. 4's KL + Eq. 10's TC)."""
     with amp():
-        mu, logvar = encoder(x)  # (B, z)
-        rec = decoder(reparameterize(mu, logvar))  # (B, C, H, W)
-    # ALGO LOGIC
-    rec_err, kl_real = sse(x, rec), kl_divergence(mu, logvar)
-    loss = vae_loss(rec_err, kl_real, cfg.beta_rec, cfg.beta_kl)
+        mu, logvar = nets["encoder"](x)  # (B, z)
+        z = reparameterize(mu, logvar)
+        rec = nets["decoder"](z)  # (B, C, H, W)
+    # ALGO LOGIC: float32 from here on
+    kl_real = kl_divergence(mu, logvar)  # (B,)
+    if vae_s_state is None:
+        rec_err = sse(x, rec)
+        return vae_loss(rec_err, kl_real, cfg.beta_rec, cfg.beta_kl), rec, {"rec": rec_err.mean(),
+                                                                              "kl_real": kl_real.mean()}
+    terms = reconstruction_terms(x, rec, vae_s_state["kernels"])  # 5 x (B,)
+    rec_loss = loss_rec(terms, probe_rec_weights(vae_s_state, terms))  # (B,)
+    tc = total_correlation(z, mu, logvar, vae_s_state["dataset_size"], cfg.tc_estimator)
+    loss = vae_s_loss(rec_loss, kl_real, tc, cfg.beta_rec, cfg.beta_kl, cfg.beta_tc)
+    return loss, rec, {"rec": rec_loss.mean(), "kl_real": kl_real.mean(), "tc": tc,
+                       **{f"term_{name}": term.mean() for name, term in terms.items()}}
+
+
+def vae_step(nets, opts, x, cfg, c, s, amp, vae_s_state=None):
+    """Plain VAE (vae, avae's pre-training, the introspective methods' warm-up) or, given vae_s_state, VAE-S
+    (vae-s, avae-s's pre-training: AVAE-S Algorithm 1's first loop): one step of both networks."""
+    set_requires_grad(nets["encoder"], True)
+    set_requires_grad(nets["decoder"], True)
+    loss, _, stats = vae_objective(nets, x, cfg, amp, vae_s_state)
     opts["encoder"].zero_grad(set_to_none=True)
     opts["decoder"].zero_grad(set_to_none=True)
     loss.backward()
     opts["encoder"].step()
     opts["decoder"].step()
-    return {"loss": loss.detach(), "rec": rec_err.mean().detach(), "kl_real": kl_real.mean().detach()}
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in stats.items()}}
+
+
+def adversarial_step(nets, opts, x, cfg, c, s, amp, vae_s_state=None):
+    """AVAE (vae_s_state None) / AVAE-S fine-tuning, AVAE-S Algorithm 1's second loop: the discriminator's
+    accuracy on (x, rec) gates its own step (< disc_train_below) and the VAE's adversarial term (> adv_use_above)."""
+    disc = nets["disc"]
+    set_requires_grad(nets["encoder"], True)
+    set_requires_grad(nets["decoder"], True)
+    set_requires_grad(disc, True)
+    loss, rec, stats = vae_objective(nets, x, cfg, amp, vae_s_state)
+    batch = x.shape[0]
+    with amp():
+        logits = disc(torch.cat([x, rec.detach()]))  # (2B,): one forward, so BatchNorm sees both classes
+    logits_real, logits_rec = logits[:batch], logits[batch:]
+    # ALGO LOGIC
+    accuracy = discriminator_accuracy(logits_real, logits_rec)  # one host sync per step: the gates need it
+    train_disc, use_adv = adversarial_gates(accuracy, cfg.disc_train_below, cfg.adv_use_above)
+    dis_loss = loss_dis(logits_real, logits_rec).mean()
+    adv_term = loss_adv(logits_rec.detach(), cfg.adv_loss).mean()  # logged: the term at the gate check
+    if train_disc:
+        opts["disc"].zero_grad(set_to_none=True)
+        dis_loss.backward()
+        opts["disc"].step()
+    if use_adv:
+        set_requires_grad(disc, False)
+        with amp():
+            logits_rec_vae = disc(torch.cat([x, rec]))[batch:]  # the discriminator after its step, as in Alg. 1
+        loss = loss + cfg.beta_adv * loss_adv(logits_rec_vae, cfg.adv_loss).mean()
+    # DEVIATION: Algorithm 1 skips the VAE update entirely while accuracy <= 0.5; the issue (and this code) keeps
+    # updating the VAE on L_VAE alone then, so the reconstruction never stalls while the discriminator catches up.
+    opts["encoder"].zero_grad(set_to_none=True)
+    opts["decoder"].zero_grad(set_to_none=True)
+    loss.backward()
+    opts["encoder"].step()
+    opts["decoder"].step()
+    set_requires_grad(disc, True)
+    gates = {"disc_acc": accuracy, "train_disc": float(train_disc), "use_adv": float(use_adv)}
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in stats.items()}, "loss_dis": dis_loss.detach(),
+            "loss_adv": adv_term, **{k: torch.tensor(v) for k, v in gates.items()}}
 
 
 def intro_encoder_step(nets, opt, x, eps, cfg, amp):
@@ -723,7 +1177,19 @@ def soft_intro_step(nets, opts, x, cfg, c, s, amp):
     return {**stats, **soft_intro_decoder_step(nets, opts["decoder"], x, z, eps, cfg, c, s, amp)}
 
 
-TRAIN_STEPS = {"vae": vae_step, "introvae": introvae_step, "sintrovae": soft_intro_step, "asintrovae": soft_intro_step}
+TRAIN_STEPS = {"vae": vae_step, "introvae": introvae_step, "sintrovae": soft_intro_step, "asintrovae": soft_intro_step,
+               "vae-s": vae_step, "avae": adversarial_step, "avae-s": adversarial_step}
+
+
+def select_step(cfg, epoch, vae_s_state):
+    """The step of this epoch, called as step(nets, opts, x, cfg, c, s, amp): the introspective warm-up
+    (num_vae), avae / avae-s's pre-training (pretrain_epochs), else the model's own; vae-s and avae-s get
+    their VAE-S state."""
+    if epoch < cfg.num_vae or (cfg.model in ADVERSARIAL_MODELS and epoch < cfg.pretrain_epochs):
+        step = vae_step
+    else:
+        step = TRAIN_STEPS[cfg.model]
+    return functools.partial(step, vae_s_state=vae_s_state) if cfg.model in SHARP_MODELS else step
 
 
 @torch.no_grad()
@@ -762,17 +1228,21 @@ def unwrap(module):
 
 
 def make_state(cfg, image_channels, device):
-    """-> (nets {encoder, decoder, ema}, opts {encoder, decoder}); the two networks in nn.DataParallel on >1 GPU."""
-    encoder, decoder = build_networks(image_channels, cfg.channels, cfg.image_size, cfg.z_dim)
+    """-> (nets {encoder, decoder, ema[, disc]}, opts {encoder, decoder[, disc]}): avae / avae-s add the
+    discriminator and its Adam (the same lr and betas); the trained networks in nn.DataParallel on >1 GPU."""
+    encoder, decoder = build_networks(image_channels, cfg.channels, cfg.image_size, cfg.z_dim, cfg.arch)
+    trained = {"encoder": encoder, "decoder": decoder}
+    if cfg.model in ADVERSARIAL_MODELS:
+        trained["disc"] = build_discriminator(image_channels, cfg.channels, cfg.image_size, cfg.arch)
     ema = copy.deepcopy(decoder).requires_grad_(False)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    for net in (encoder, decoder, ema):
+    for net in (*trained.values(), ema):
         net.to(device, memory_format=memory_format)
     opts = {name: torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
-            for name, net in (("encoder", encoder), ("decoder", decoder))}
+            for name, net in trained.items()}
     if device.type == "cuda" and torch.cuda.device_count() > 1:
-        encoder, decoder = nn.DataParallel(encoder), nn.DataParallel(decoder)
-    return {"encoder": encoder, "decoder": decoder, "ema": ema}, opts
+        trained = {name: nn.DataParallel(net) for name, net in trained.items()}
+    return {**trained, "ema": ema}, opts
 
 
 def seed_everything(seed):
@@ -798,11 +1268,42 @@ def set_rng_state(state):
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(path, nets, opts, step, epoch, total_iters, cfg):
-    """Write atomically: a temp file in the same folder, flushed to disk, then renamed over the old one."""
+def avae_s_record(cfg, epoch, vae_s_state):
+    """The AVAE-S part of a checkpoint (or None): the phase the run continues in, and Eq. 5's lambda probe (sums,
+    count, frozen lambdas), so a resumed run neither probes again nor loses a probe in progress."""
+    if cfg.model not in SHARP_MODELS + ADVERSARIAL_MODELS:
+        return None
+    record = {"phase": phase_name(cfg, epoch)}
+    if vae_s_state is not None:
+        record.update(probe_batches=vae_s_state["probe_batches"], term_count=vae_s_state["term_count"],
+                      rec_weights=vae_s_state["rec_weights"],
+                      term_sums={name: total.cpu() for name, total in vae_s_state["term_sums"].items()})
+    return record
+
+
+def phase_name(cfg, epoch):
+    if cfg.model not in ADVERSARIAL_MODELS:
+        return cfg.model
+    return "pretrain" if epoch < cfg.pretrain_epochs else "adversarial"
+
+
+def restore_vae_s_state(vae_s_state, record, path):
+    """Put a checkpoint's lambda probe back into vae_s_state (on the state's device)."""
+    if not record or "term_sums" not in record:
+        raise CheckpointError(f"checkpoint {path} has no AVAE-S lambda probe (avae_s): not a vae-s / avae-s run")
+    device = vae_s_state["term_sums"]["mse"].device
+    vae_s_state.update(term_count=record["term_count"], rec_weights=record["rec_weights"],
+                       term_sums={name: total.to(device) for name, total in record["term_sums"].items()})
+
+
+def save_checkpoint(path, nets, opts, step, epoch, total_iters, cfg, avae_s=None):
+    """Write atomically: a temp file in the same folder, flushed to disk, then renamed over the old one.
+    avae_s: avae_s_record(...) for the AVAE-S models."""
     state = {"step": step, "epoch": epoch, "total_iters": total_iters, "config": dataclasses.asdict(cfg), "rng": rng_state(),
              "nets": {name: unwrap(net).state_dict() for name, net in nets.items()},
              "opts": {name: o.state_dict() for name, o in opts.items()}}
+    if avae_s is not None:
+        state["avae_s"] = avae_s
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as handle:
         torch.save(state, handle)
@@ -926,7 +1427,8 @@ def plot_curves(records, path, keys):
 
 
 CURVE_KEYS = ("loss_e", "loss_d", "loss", "rec", "kl_real", "kl_rec", "kl_fake", "kl_diff", "exp_elbo_rec",
-              "exp_elbo_fake", "as_dist", "c")
+              "exp_elbo_fake", "as_dist", "c", "tc", *(f"term_{name}" for name in REC_TERMS), "loss_dis", "loss_adv",
+              "disc_acc", "train_disc", "use_adv")
 
 
 def read_log(path, max_step):
@@ -947,7 +1449,8 @@ def train(cfg):
         schedule = "tanh" if cfg.variant == "official" else "linear"
         c_now = annealing_coefficient(state["step"], state["total_iters"], schedule)
         print(f"resuming from {ckpt_path} at step {state['step']} of {state['total_iters']}"
-              + (f" (c = {c_now:.6f})" if cfg.model == "asintrovae" else ""), flush=True)
+              + (f" (c = {c_now:.6f})" if cfg.model == "asintrovae" else "")
+              + (f" (phase {phase_name(cfg, state['epoch'])})" if cfg.model in ADVERSARIAL_MODELS else ""), flush=True)
     device, amp = setup_device(cfg.device, cfg.bf16)
     train_set, test_set, split = load_data(cfg)
     if isinstance(train_set, ImageArray):
@@ -957,16 +1460,24 @@ def train(cfg):
     iters_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_iters = iters_per_epoch * cfg.epochs  # T of Eq. 9, the last partial batch included
     stop = min(total_iters, cfg.max_iters) if cfg.max_iters else total_iters
+    check_batch_sizes(cfg, len(train_set), min(cfg.eval_images or len(test_set), len(test_set)))
     seed_everything(cfg.seed)
     nets, opts = make_state(cfg, image_channels, device)
+    vae_s_state = (new_vae_s_state(len(train_set), cfg.lambda_batches or iters_per_epoch, device)
+                   if cfg.model in SHARP_MODELS else None)
     step = 0
     if state is not None:
         restore(state, nets, opts, ckpt_path)
+        if vae_s_state is not None:
+            restore_vae_s_state(vae_s_state, state.get("avae_s"), ckpt_path)
         set_rng_state(state["rng"])
         step = state["step"]
     else:
-        print(f"new run {out_dir}: {cfg.model}{' (' + cfg.variant + ')' if cfg.model == 'asintrovae' else ''} on "
-              f"{cfg.dataset} {'x'.join(map(str, train_set.shape))}, {len(train_set)} images, {iters_per_epoch} "
+        detail = {"asintrovae": f" ({cfg.variant})",
+                  "avae": f" ({cfg.pretrain_epochs} pretrain + {cfg.adv_epochs} adversarial epochs)"}
+        detail["avae-s"] = detail["avae"]
+        print(f"new run {out_dir}: {cfg.model}{detail.get(cfg.model, '')}{' on Table I nets' if cfg.arch == 'avae' else ''}"
+              f" on {cfg.dataset} {'x'.join(map(str, train_set.shape))}, {len(train_set)} images, {iters_per_epoch} "
               f"iterations/epoch, T = {total_iters}, stop at {stop}, {describe_device(device)}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as handle:
@@ -984,7 +1495,8 @@ def train(cfg):
     grid_noise = torch.randn(grid_real.shape[0], cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     schedule = "tanh" if cfg.model == "asintrovae" and cfg.variant == "official" else "linear"
     progress_end = "\r" if sys.stdout.isatty() else "\n"  # one line rewritten in a terminal, a line per log in a file
-    sums, count, images_seen, tick = {}, 0, 0, time.perf_counter()
+    sums, counts, count, images_seen, tick = {}, {}, 0, 0, time.perf_counter()
+    lambdas_shown = False
     epoch = step // iters_per_epoch
     while step < stop:
         skip = step - epoch * iters_per_epoch
@@ -994,8 +1506,7 @@ def train(cfg):
                 flip = torch.rand(x.shape[0], device=device) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
             c = annealing_coefficient(step, total_iters, schedule)
-            step_fn = vae_step if epoch < cfg.num_vae else TRAIN_STEPS[cfg.model]
-            stats = step_fn(nets, opts, x, cfg, c, s, amp)
+            stats = select_step(cfg, epoch, vae_s_state)(nets, opts, x, cfg, c, s, amp)
             update_ema(nets["ema"], unwrap(nets["decoder"]), cfg.ema_decay)
             losses = {k: v for k, v in stats.items() if k.startswith("loss")}
             if not torch.isfinite(torch.stack(list(losses.values()))).all():
@@ -1006,12 +1517,18 @@ def train(cfg):
             step += 1
             count += 1
             images_seen += x.shape[0]
-            for key, value in stats.items():
+            for key, value in stats.items():  # counted per key: an interval may span a change of step function
                 sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+            if vae_s_state is not None and vae_s_state["rec_weights"] is not None and not lambdas_shown:
+                weights = " ".join(f"{name} {value:.4g}" for name, value in vae_s_state["rec_weights"].items())
+                print(f"AVAE-S Eq. 5 lambdas, frozen after {vae_s_state['term_count']} probe batches: {weights}",
+                      flush=True)
+                lambdas_shown = True
             if step % cfg.log_every == 0 or step == stop:
                 now = time.perf_counter()
                 rate = images_seen / (now - tick)
-                record = {"step": step, "epoch": epoch + 1, **{k: (v / count).item() for k, v in sums.items()}}
+                record = {"step": step, "epoch": epoch + 1, **{k: (v / counts[k]).item() for k, v in sums.items()}}
                 if cfg.model == "asintrovae":
                     record["c"] = c
                 record["img_per_s"] = rate
@@ -1020,15 +1537,16 @@ def train(cfg):
                     handle.write(json.dumps(record) + "\n")
                 eta = (stop - step) * (now - tick) / count
                 keys = [k for k in ("loss_e", "loss_d", "loss", "rec", "kl_real", "kl_fake", "kl_rec", "exp_elbo_fake",
-                                    "as_dist", "c") if k in record]
+                                    "as_dist", "c", "tc", "loss_dis", "loss_adv", "disc_acc") if k in record]
                 print(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{stop} | {rate:.0f} img/s | ETA {format_seconds(eta)}"
                       f" | " + " ".join(f"{k} {record[k]:.4g}" for k in keys), end=progress_end, flush=True)
                 plot_curves(records, os.path.join(out_dir, "curves.png"), CURVE_KEYS)
-                sums, count, images_seen, tick = {}, 0, 0, time.perf_counter()
+                sums, counts, count, images_seen, tick = {}, {}, 0, 0, time.perf_counter()
             if step % cfg.img_every == 0 or step == stop:
                 training_grid(nets, grid_real, grid_noise, cfg.bn_mode, amp, os.path.join(out_dir, f"grid_{step:07d}.png"))
             if step % cfg.ckpt_every == 0 or step == stop:
-                save_checkpoint(ckpt_path, nets, opts, step, step // iters_per_epoch, total_iters, cfg)
+                save_checkpoint(ckpt_path, nets, opts, step, step // iters_per_epoch, total_iters, cfg,
+                                avae_s_record(cfg, step // iters_per_epoch, vae_s_state))
             if step >= stop:
                 break
         epoch += 1
@@ -1037,7 +1555,7 @@ def train(cfg):
     if state is not None and state["step"] >= stop:
         print(f"training already done at step {state['step']} (stop at {stop}); evaluating", flush=True)
     results = evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir)
-    results.update(checkpoint=ckpt_path, step=step)
+    results.update(checkpoint=ckpt_path, step=step, **avae_s_results(cfg, step, iters_per_epoch, vae_s_state))
     write_results(results, out_dir)
 
 
@@ -1048,10 +1566,30 @@ def summary(per_image):
     return {"mean": float(np.mean(per_image)), "std": float(np.std(per_image))}
 
 
+def cosine_similarity(x, y):
+    """Cosine similarity of each pair of flattened images (AVAE-S Table III), float64 on the CPU:
+    cos_i = <x_i, y_i> / (||x_i|| ||y_i||); an all-zero image has no direction and scores 0.
+    x, y: (N, C, H, W); pass the clamped reconstructions eval_metrics scores. -> (per_image (N,), mean)."""
+    x = torch.as_tensor(x).detach().to("cpu", torch.float64).flatten(1)
+    y = torch.as_tensor(y).detach().to("cpu", torch.float64).flatten(1)
+    if x.shape != y.shape:
+        raise ValueError(f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)} after flattening")
+    norms = x.norm(dim=1) * y.norm(dim=1)
+    dot = (x * y).sum(dim=1)
+    per_image = torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dot))
+    per_image = per_image.numpy()
+    return per_image, float(per_image.mean())
+
+
+SHARPNESS_NOTE = ("Laplacian variance of the grey image on the [0, 255] scale (eval_metrics.sharpness); AVAE-S "
+                  "Table III's values (ground truth 0.112) look like the [0, 1] scale: divide by 255^2 = 65025 to compare")
+
+
 @torch.no_grad()
 def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir):
-    """Reconstruction PSNR / SSIM / MSE with z = mu (Table 3's protocol) on the evaluation split, FID of
-    EMA-decoder samples against the training images, sharpness, sample and interpolation grids."""
+    """Reconstruction PSNR / SSIM / MSE / cosine similarity with z = mu (Table 3's protocol; cosine: AVAE-S Table
+    III) on the evaluation split, FID of EMA-decoder samples against the training images at the four Inception
+    depths, sharpness, sample and interpolation grids."""
     encoder, decoder, ema = (unwrap(nets[k]) for k in ("encoder", "decoder", "ema"))
     generator = torch.Generator().manual_seed(cfg.seed + 1)  # evaluation never touches the training RNG
     batch = cfg.batch_size  # BatchNorm in train mode sees batches of the training size
@@ -1061,9 +1599,11 @@ def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir):
         with amp():
             return ema(z)[:k].clamp(0, 1)
 
-    results = {"dataset": cfg.dataset, "model": cfg.model, "variant": cfg.variant, "bn_mode": cfg.bn_mode}
+    results = {"dataset": cfg.dataset, "model": cfg.model, "variant": cfg.variant, "arch": cfg.arch,
+               "bn_mode": cfg.bn_mode}
     with batchnorm_mode([encoder, decoder, ema], cfg.bn_mode):
-        per_image = {"psnr": [], "ssim": [], "mse": [], "sharp_real": [], "sharp_rec": [], "sharp_fake": []}
+        per_image = {"psnr": [], "ssim": [], "mse": [], "cosine": [], "sharp_real": [], "sharp_rec": [],
+                     "sharp_fake": []}
         first = None
         bar = Progress(min(cfg.eval_images or len(test_set), len(test_set)), "reconstruction")
         for images in ordered_batches(test_set, batch, cfg.eval_images, cfg.num_workers):
@@ -1071,7 +1611,7 @@ def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir):
             with amp():
                 rec = decoder(encoder(x)[0]).clamp(0, 1)
             x_cpu, rec_cpu = x.float().cpu(), rec.float().cpu()
-            for name, metric in (("psnr", psnr), ("ssim", ssim), ("mse", mse)):
+            for name, metric in (("psnr", psnr), ("ssim", ssim), ("mse", mse), ("cosine", cosine_similarity)):
                 per_image[name].append(metric(x_cpu, rec_cpu)[0])
             per_image["sharp_real"].append(sharpness(x_cpu)[0])
             per_image["sharp_rec"].append(sharpness(rec_cpu)[0])
@@ -1085,9 +1625,10 @@ def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir):
             "split": split, "images": int(per_image["mse"].size), "z": "mu", "decoder": "raw (not EMA)",
             "psnr": float(psnr_finite.mean()) if psnr_finite.size else math.inf,
             "psnr_identical_images": int(np.isinf(per_image["psnr"]).sum()),
-            "ssim": float(per_image["ssim"].mean()), "mse": float(per_image["mse"].mean())}
+            "ssim": float(per_image["ssim"].mean()), "mse": float(per_image["mse"].mean()),
+            "cosine": float(per_image["cosine"].mean())}
         results["sharpness"] = {"real": summary(per_image["sharp_real"]), "reconstructed": summary(per_image["sharp_rec"]),
-                                "generated_ema": summary(per_image["sharp_fake"])}
+                                "generated_ema": summary(per_image["sharp_fake"]), "note": SHARPNESS_NOTE}
 
         # grids: reconstructions, samples, latent interpolations between pairs of evaluation images
         n = min(16, first[0].shape[0])
@@ -1109,9 +1650,42 @@ def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir):
     return results
 
 
+FID_DEPTHS = (64, 192, 768, 2048)  # pytorch-fid's blocks 0-3: first max pool, second max pool, pre-aux, pool3
+FID_NOTE = ("FID at pytorch-fid's four Inception depths (64: first max pool, 192: second max pool, 768: pre-aux "
+            "classifier Mixed_6e, 2048: pool3), as AVAE-S Table III; only fid_2048 (= value) is comparable across papers")
+
+
+class InceptionAllDepths(nn.Module):
+    """The FID Inception returning its four depths side by side, (N, 64 + 192 + 768 + 2048), from ONE pass
+    (eval_metrics' features_by_depth): eval_metrics' streaming statistics of these rows then hold each depth's
+    mean and covariance as a block of the joint ones."""
+
+    def __init__(self, inception):
+        super().__init__()
+        self.inception = inception
+        self.dims = sum(FID_DEPTHS)  # read by eval_metrics' statistics
+        self.bn_batch_stats = inception.bn_batch_stats
+
+    def forward(self, x):  # (N, 3, H, W) in [0, 1] -> (N, 3072)
+        features = self.inception.features_by_depth(x, up_to=FID_DEPTHS[-1])
+        return torch.cat([features[depth] for depth in FID_DEPTHS], dim=1)
+
+
+def fid_by_depth(mu_real, sigma_real, mu_fake, sigma_fake, depths=FID_DEPTHS):
+    """{"fid_<d>": FID} from the joint statistics of features concatenated in `depths` order: depth d's mean and
+    covariance are the slices of its block."""
+    fids, start = {}, 0
+    for depth in depths:
+        block = slice(start, start + depth)
+        fids[f"fid_{depth}"] = frechet_distance(mu_real[block], sigma_real[block, block], mu_fake[block],
+                                                sigma_fake[block, block])
+        start += depth
+    return fids
+
+
 def fid_of_samples(cfg, sample, train_set, device):
-    """FID of cfg.fid_samples EMA-decoder samples against (at most as many) training images, standard
-    pytorch-fid convention (eval-mode Inception, float images in [0, 1], no quantisation)."""
+    """FID of cfg.fid_samples EMA-decoder samples against (at most as many) training images at the four depths,
+    standard pytorch-fid convention (eval-mode Inception, float images in [0, 1], no quantisation)."""
     if cfg.fid_samples == 0:
         return {"value": None, "note": "skipped (--fid-samples 0)"}
     try:
@@ -1122,10 +1696,12 @@ def fid_of_samples(cfg, sample, train_set, device):
         return {"value": None, "note": f"skipped: {error}"}
     reference = (to_float(images, device) for images in ordered_batches(train_set, cfg.batch_size, cfg.fid_samples,
                                                                         cfg.num_workers))
+    inception = InceptionAllDepths(inception)
     mu_real, sigma_real, n_real = stats_from_batches(reference, inception, max_images=cfg.fid_samples, device=device,
                                                      batch_size=100, total=min(cfg.fid_samples, len(train_set)))
     mu_fake, sigma_fake = stats_from_generator(sample, cfg.fid_samples, inception, batch_size=100, device=device)
-    return {"value": frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake), "generated": cfg.fid_samples,
+    fids = fid_by_depth(mu_real, sigma_real, mu_fake, sigma_fake)
+    return {"value": fids["fid_2048"], **fids, "note": FID_NOTE, "generated": cfg.fid_samples,
             "reference": "training images", "reference_images": n_real, "decoder": "EMA"}
 
 
@@ -1133,9 +1709,26 @@ def write_results(results, out_dir):
     path = os.path.join(out_dir, "results.json")
     with open(path, "w") as handle:
         json.dump(results, handle, indent=2)
-    rec, fid = results["reconstruction"], results["fid"]["value"]
+    rec, fid, sharp = results["reconstruction"], results["fid"], results["sharpness"]
+    fid_text = "n/a"
+    if fid["value"] is not None:
+        shallow = " / ".join(f"{fid['fid_' + str(depth)]:.4g}" for depth in FID_DEPTHS[:-1])
+        fid_text = f"{fid['value']:.2f} (64 / 192 / 768-d: {shallow}; only 2048-d is comparable across papers)"
     print(f"{rec['split']} reconstruction ({rec['images']} images, z = mu): PSNR {rec['psnr']:.3f} SSIM {rec['ssim']:.3f} "
-          f"MSE {rec['mse']:.4f} | FID {'n/a' if fid is None else f'{fid:.2f}'} -> {path}", flush=True)
+          f"MSE {rec['mse']:.4f} cosine {rec['cosine']:.4f} | sharpness rec {sharp['reconstructed']['mean']:.4g} "
+          f"(real {sharp['real']['mean']:.4g}) | FID {fid_text} -> {path}", flush=True)
+
+def avae_s_results(cfg, step, iters_per_epoch, vae_s_state):
+    """results.json's AVAE-S block (nothing for the other models): the phase of the last step trained (avae,
+    avae-s) and AVAE-S Eq. 5's frozen lambdas (vae-s, avae-s; None while still probing). vae_s_state: the live
+    state or a checkpoint's avae_s record (the same keys)."""
+    block = {}
+    if cfg.model in ADVERSARIAL_MODELS:
+        block["phase"] = phase_name(cfg, (step - 1) // iters_per_epoch) if step else "untrained"
+    if cfg.model in SHARP_MODELS:
+        block.update(rec_weights=(vae_s_state or {}).get("rec_weights"),
+                     probe_batches_seen=(vae_s_state or {}).get("term_count", 0))
+    return {"avae_s": block} if block else {}
 
 
 def run_evaluation(given):
@@ -1148,23 +1741,29 @@ def run_evaluation(given):
     validate(cfg)
     device, amp = setup_device(cfg.device, cfg.bf16)
     train_set, test_set, split = load_data(cfg)
+    check_batch_sizes(cfg, len(train_set), min(cfg.eval_images or len(test_set), len(test_set)))
     nets, opts = make_state(cfg, train_set.shape[0], device)
     restore(state, nets, opts, path)
     out_dir = cfg.out or os.path.dirname(os.path.abspath(path))
     os.makedirs(out_dir, exist_ok=True)
     print(f"evaluating {path} (step {state['step']}) on {describe_device(device)}", flush=True)
     results = evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir)
-    results.update(checkpoint=path, step=state["step"])
+    iters_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    results.update(checkpoint=path, step=state["step"],
+                   **avae_s_results(cfg, state["step"], iters_per_epoch, state.get("avae_s")))
     write_results(results, out_dir)
 
 
 def bench(cfg):
-    """cfg.bench timed iterations (after 2 untimed ones) on random images at the config's shapes."""
+    """cfg.bench timed iterations (after 2 untimed ones) on random images at the config's shapes, of the model's
+    last-phase step (avae / avae-s: the adversarial step)."""
     device, amp = setup_device(cfg.device, cfg.bf16)
     image_channels = IMAGE_CHANNELS.get(cfg.dataset, 3)
     shape = (image_channels, cfg.image_size, cfg.image_size)
     seed_everything(cfg.seed)
     nets, opts = make_state(cfg, image_channels, device)
+    vae_s_state = new_vae_s_state(4 * cfg.batch_size, cfg.lambda_batches or 4, device) if cfg.model in SHARP_MODELS else None
+    step_fn = select_step(cfg, cfg.epochs - 1, vae_s_state)
     images = torch.randint(0, 256, (4 * cfg.batch_size, *shape), dtype=torch.uint8, device=device)
     s, warmup = 1.0 / math.prod(shape), 2
     for i in range(warmup + cfg.bench):
@@ -1174,7 +1773,7 @@ def bench(cfg):
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
         x = to_float(images[(i % 4) * cfg.batch_size:(i % 4 + 1) * cfg.batch_size], device)
-        stats = TRAIN_STEPS[cfg.model](nets, opts, x, cfg, annealing_coefficient(i, 10 ** 6), s, amp)
+        stats = step_fn(nets, opts, x, cfg, annealing_coefficient(i, 10 ** 6), s, amp)
         update_ema(nets["ema"], unwrap(nets["decoder"]), cfg.ema_decay)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -1183,8 +1782,9 @@ def bench(cfg):
         memory = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10:.0f} MiB"
     seconds = (time.perf_counter() - start) / cfg.bench
     losses = " ".join(f"{k} {v.item():.4g}" for k, v in stats.items() if k.startswith("loss"))
+    nets_described = "Table I nets" if cfg.arch == "avae" else f"channels {','.join(map(str, cfg.channels))}"
     print(f"bench {cfg.dataset} {cfg.model}{'/' + cfg.variant if cfg.model == 'asintrovae' else ''}: batch "
-          f"{cfg.batch_size}, {'x'.join(map(str, shape))}, z {cfg.z_dim}, channels {','.join(map(str, cfg.channels))}, "
+          f"{cfg.batch_size}, {'x'.join(map(str, shape))}, z {cfg.z_dim}, {nets_described}, "
           f"{'bf16' if cfg.bf16 and device.type == 'cuda' else 'fp32'}, {describe_device(device)}: "
           f"{1000 * seconds:.1f} ms/iteration, {cfg.batch_size / seconds:.1f} img/s, {memory} ({cfg.bench} iterations; "
           f"{losses})", flush=True)

@@ -379,8 +379,9 @@ def load_inception(weights=None, device="cpu", dims=2048, bn_batch_stats=False):
     if missing or unexpected:
         raise MetricInputError(f"Inception weights {path} have the wrong keys ({len(missing)} missing, e.g. "
                                f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}): not an FID Inception file")
+    old_format = any(k.endswith("num_batches_tracked") for k in expected - found)  # files saved before torch 0.4.1
     try:
-        model.load_state_dict(state_dict, strict=not any(k.endswith("num_batches_tracked") for k in expected - found))
+        model.load_state_dict(state_dict, strict=not old_format)  # every other key was checked above
     except RuntimeError as error:
         raise MetricInputError(f"Inception weights {path} do not fit: {str(error).splitlines()[-1].strip()}")
     sha256 = _file_sha256(path)
@@ -388,6 +389,8 @@ def load_inception(weights=None, device="cpu", dims=2048, bn_batch_stats=False):
         warnings.warn(f"{path} is not the official FID Inception file (sha256 {sha256[:8]}..., expected "
                       f"{FID_WEIGHTS_SHA256_PREFIX}...): FID values are not comparable with papers", MetricWarning, stacklevel=2)
     if bn_batch_stats:
+        warnings.warn("bn_batch_stats: train-mode BatchNorm (Soft-IntroVAE's training-time FID); "
+                      "NOT comparable with standard FID", MetricWarning, stacklevel=2)
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = 0.0
@@ -728,7 +731,7 @@ def stats_from_batches(batches, model, max_images=None, device=None, progress=Tr
             if max_images is not None and stats.n >= max_images:
                 break
     mu, sigma = stats.result()
-    _warn_few_images(stats.n, "real/stream set")
+    _warn_few_images(stats.n, "image set")
     return mu, sigma, stats.n
 
 

@@ -212,6 +212,7 @@ def folders(tmp_path_factory):
     }
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # scipy >= 1.16 deprecates the sqrtm(disp=) pytorch-fid uses
 def test_fid_end_to_end_vs_pytorch_fid_64d(folders, weights_file):
     with pytest.warns(em.MetricWarning, match="66 images < 2048"):
         fid = em.fid_from_dirs(folders["a"], folders["b"], dims=64)
