@@ -245,7 +245,8 @@ def validate(cfg):
                               f"got {cfg.image_size}")
     elif cfg.image_size % 2 ** len(cfg.channels):
         raise ConfigError(f"--image-size {cfg.image_size} is not divisible by 2^{len(cfg.channels)} = "
-                          f"{2 ** len(cfg.channels)} (one halving per entry of --channels {','.join(map(str, cfg.channels))})")
+                          f"{2 ** len(cfg.channels)} (one halving per entry of --channels "
+                          f"{','.join(map(str, cfg.channels))})")
     if cfg.model in ADVERSARIAL_MODELS and cfg.epochs != cfg.pretrain_epochs + cfg.adv_epochs:
         raise ConfigError(f"{cfg.model}: epochs ({cfg.epochs}) must be --pretrain-epochs + --adv-epochs "
                           f"({cfg.pretrain_epochs} + {cfg.adv_epochs})")
@@ -491,7 +492,7 @@ class Decoder(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Dis(x) of AVAE-S Eq. 11 for --arch resnet: "the encoder with max pooling for down-sampling" (AVAE-S
+    """Dis(x) of AVAE-S Eq. 11 for --arch resnet: the encoder, but "it uses max pooling for down-sampling" (AVAE-S
     Sec. III). Our encoder down-samples with AvgPool2d, not strided convs, so MaxPool2d takes its place; the
     head is one logit (the sigmoid lives in the losses). (B, C, H, W) -> logits (B,) in float32."""
 
@@ -844,8 +845,8 @@ def loss_rec(terms, weights):
 def balance_weights(term_means, reference="mse"):
     """The lambdas of AVAE-S Eq. 5 from the terms' magnitudes: lambda_i = mean_reference / mean_i.
 
-    The paper sets the lambdas "so that all of the losses stay in the same scale", by example (Sec. III: mean
-    L1 30 and L2 900 -> lambda_L1 = 30, L2 weighted 1), from the terms probed over one epoch. So every weighted
+    The paper sets the lambdas so that "all of the losses stay in the same scale" (Eq. 5), by example (Sec. III:
+    mean L1 30 and L2 900 -> lambda_L1 = 30, L2 weighted 1), from the terms probed over one epoch. So every weighted
     term starts at the reference's magnitude and lambda_MSE = 1. term_means: {name: mean of that unweighted
     per-sample term over the probe batches}. Returns {name: lambda} as floats, to be frozen.
     """

@@ -42,7 +42,7 @@ class Config:
     combo: str = "C2"  # C1 | C2 | C3 | all | tuned (Soft-IntroVAE's per-dataset betas)
     methods: str = "vae,introvae,sintrovae,asintrovae"  # comma list of the methods to train
     variant: str = "paper"  # AS-IntroVAE: paper (eq. 7-9 literally) | official (the released code)
-    mapping: str = "closest"  # C1-C3 as (beta_kl, beta_rec, beta_neg) "closest" | (beta_kl, beta_neg, beta_rec) "literal"
+    mapping: str = "closest"  # C1-C3 read as (beta_kl, beta_rec, beta_neg) "closest" | (kl, neg, rec) "literal"
     iters: int = 30000  # iterations incl. the VAE warm-up (iters/15) and lr x0.1 at iters/3, iters/2
     seeds: str = "92"  # comma list of seeds; each seed is one run per (dataset, method, combo)
     batch_size: int = 512  # points per iteration, drawn fresh from the data distribution
@@ -193,75 +193,87 @@ def sse(x, y):
     return ((x - y) ** 2).sum(-1)
 
 
-def kl_prior(mu, logvar):
-    """KL(N(mu, exp(logvar)) || N(0, I)) = -1/2 sum_d (1 + logvar - exp(logvar) - mu^2): (..., B, D) -> (..., B)."""
+def kl_divergence(mu, logvar):
+    """Eq. 2 for q = N(mu, exp(logvar)), p = N(0, I): KL_i = -1/2 sum_d (1 + logvar - exp(logvar) - mu^2).
+    (..., B, D) -> (..., B)."""
     return -0.5 * (1 + logvar - torch.exp(logvar) - mu ** 2).sum(-1)
 
 
-def loss_vae(sse_real, kl_real, beta_rec, beta_kl):
-    """Negative ELBO, Eq. 1 with weights: L = mean_i (beta_rec*SSE(x_i, rec_i) + beta_kl*KL(q(z|x_i) || p(z)))."""
-    return (beta_rec * sse_real + beta_kl * kl_real).mean(-1)
+def vae_loss(rec_err, kl, beta_rec, beta_kl):
+    """The negative beta-ELBO of Eq. 1: L = mean_i (beta_rec * SSE_i + beta_kl * KL_i), without s.
+    Also the warm-up loss of the introspective methods."""
+    return (beta_rec * rec_err + beta_kl * kl).mean(-1)
 
 
-def loss_encoder_introvae(sse_real, kl_real, kl_r, kl_f, beta_rec, beta_kl, beta_neg, margin):
-    """IntroVAE encoder, Eq. 3 with Huang et al.'s weights, hinge on batch-mean KLs:
-    L_E = beta_rec*mean SSE(x, rec) + beta_kl*(mean KL_real + beta_neg/2*([m - mean KL_r]^+ + [m - mean KL_f]^+))."""
-    hinge = torch.relu(margin - kl_r.mean(-1, keepdim=True)) + torch.relu(margin - kl_f.mean(-1, keepdim=True))
-    per_sample = beta_rec * sse_real + beta_kl * (kl_real + 0.5 * beta_neg * hinge)
-    return per_sample.mean(-1)
+def intro_encoder_loss(rec_err, kl_real, kl_rec, kl_fake, margin, beta_rec, beta_kl, beta_neg):
+    """IntroVAE encoder, Eq. 3 with Huang et al.'s weighting, the hinges on batch-mean KLs:
+    L_E = beta_rec mean SSE(x, rec)
+          + beta_kl [mean KL_real + beta_neg/2 (relu(m - mean KL_rec) + relu(m - mean KL_fake))]."""
+    hinges = torch.relu(margin - kl_rec.mean(-1, keepdim=True)) + torch.relu(margin - kl_fake.mean(-1, keepdim=True))
+    return (beta_rec * rec_err + beta_kl * (kl_real + 0.5 * beta_neg * hinges)).mean(-1)
 
 
-def loss_decoder_introvae(sse_real, kl_r, kl_f, beta_rec, beta_kl):
-    """IntroVAE decoder, Eq. 3 with Huang et al.'s weights (KLs through the updated, frozen encoder):
-    L_D = beta_rec*mean SSE(x, rec) + beta_kl/2*(mean KL_r + mean KL_f)."""
-    return (beta_rec * sse_real + 0.5 * beta_kl * (kl_r + kl_f)).mean(-1)
+def intro_decoder_loss(rec_err, kl_rec, kl_fake, beta_rec, beta_kl):
+    """IntroVAE decoder, Eq. 3: L_D = beta_rec mean SSE(x, rec) + beta_kl/2 (mean KL_rec + mean KL_fake),
+    the KLs from the encoder as updated this iteration."""
+    return (beta_rec * rec_err + 0.5 * beta_kl * (kl_rec + kl_fake)).mean(-1)
 
 
-def loss_encoder_as(sse_real, kl_real, sse_r, kl_r, sse_f, kl_f, as_dist, c, beta_rec, beta_kl, beta_neg, s,
-                    alpha=2.0):
-    """AS-IntroVAE encoder, Eq. 9 (c = 1 gives Soft-IntroVAE's Eq. 4, as its Algorithm 1 codes it):
-    L_E = s*(beta_rec*mean SSE(x, rec) + beta_kl*mean KL_real)
-          + 1/(2 alpha) * sum_{q=r,f} mean_i exp(-alpha*s*(beta_rec*SSE_q,i + beta_neg*(c*KL_q,i + (1-c)*AS)))
-    SSE_r = SSE(rec, Dec(z_r)), KL_r = KL(E(rec)); likewise f for generated samples; AS is one scalar per run."""
-    elbo_r = beta_rec * sse_r + beta_neg * (c * kl_r + (1 - c) * as_dist)
-    elbo_f = beta_rec * sse_f + beta_neg * (c * kl_f + (1 - c) * as_dist)
-    per_sample = (s * (beta_rec * sse_real + beta_kl * kl_real)
+def as_intro_encoder_loss(rec_err, kl_real, rec_err_r, kl_r, rec_err_f, kl_f, as_dist, c, s, beta_rec, beta_kl,
+                          beta_neg, alpha=2.0):
+    """AS-IntroVAE encoder, Eq. 9; with c = 1 it is Soft-IntroVAE's encoder, Eq. 4 (its Algorithm 1):
+    L_E = s (beta_rec mean SSE(x, rec) + beta_kl mean KL_real)
+          + 1/(2 alpha) sum_{q=r,f} mean_i exp(-alpha s (beta_rec SSE_q,i + beta_neg (c KL_q,i + (1 - c) AS)))
+    SSE_r = SSE(rec, Dec(z_r)), KL_r = KL(E(rec)); likewise f for the generated samples; AS: one value per run."""
+    elbo_r = beta_rec * rec_err_r + beta_neg * (c * kl_r + (1 - c) * as_dist)
+    elbo_f = beta_rec * rec_err_f + beta_neg * (c * kl_f + (1 - c) * as_dist)
+    per_sample = (s * (beta_rec * rec_err + beta_kl * kl_real)
                   + (0.5 / alpha) * (torch.exp(-alpha * s * elbo_r) + torch.exp(-alpha * s * elbo_f)))
     return per_sample.mean(-1)
 
 
-def loss_decoder_as(sse_real, kl_r, kl_f, sse_rr, sse_rf, as_dist, c, beta_rec, beta_kl, gamma_r, s):
-    """AS-IntroVAE decoder, Eq. 9 (c = 1 gives Soft-IntroVAE's Eq. 4, as its Algorithm 1 codes it):
-    L_D = s*(beta_rec*mean SSE(x, rec) + beta_kl/2*(c*(mean KL_r + mean KL_f) + (1-c)*AS)
-             + gamma_r*beta_rec/2*(mean SSE(rec, rr) + mean SSE(fake, rf)))."""
-    per_sample = s * (beta_rec * sse_real + 0.5 * beta_kl * (c * (kl_r + kl_f) + (1 - c) * as_dist)
-                      + gamma_r * 0.5 * beta_rec * (sse_rr + sse_rf))
+def as_intro_decoder_loss(rec_err, kl_r, kl_f, rec_err_rr, rec_err_rf, as_dist, c, s, beta_rec, beta_kl, gamma_r,
+                          variant="paper"):
+    """AS-IntroVAE decoder, Eq. 9 (each KL_q replaced by c KL_q + (1 - c) AS, q = r, f); with c = 1 it is
+    Soft-IntroVAE's decoder, Eq. 4 (its Algorithm 1):
+    L_D = s [beta_rec mean SSE(x, rec) + beta_kl/2 (c (mean KL_r + mean KL_f) + 2 (1 - c) AS)
+             + gamma_r beta_rec/2 (mean SSE(rec, rr) + mean SSE(fake, rf))]
+    variant "official": AS counted once, beta_kl/2 (c (KL_r + KL_f) + (1 - c) AS), as the released code."""
+    as_terms = 2 * (1 - c) * as_dist
+    if variant == "official":
+        # DEVIATION: Eq. 9 sums (1 - c) D over q = r, g (so AS twice; as_introvae.py reads it the same way);
+        # the released code, and the spec's formula, add it once.
+        as_terms = 0.5 * as_terms
+    per_sample = s * (beta_rec * rec_err + 0.5 * beta_kl * (c * (kl_r + kl_f) + as_terms)
+                      + gamma_r * 0.5 * beta_rec * (rec_err_rr + rec_err_rf))
     return per_sample.mean(-1)
 
 
-def as_distance(mu_a, logvar_a, mu_b, logvar_b, with_2pi=True, reduction="paper"):
+def as_distance(mu_a, logvar_a, mu_b, logvar_b, reduction="paper"):
     """AS-Distance, Eq. 7 with the Gaussian-overlap kernel of Eq. 8, per latent dimension d:
-    k_d(a_i, b_j) = exp(-(mu_a,id - mu_b,jd)^2 / (2(v_a,id + v_b,jd))) / sqrt(2 pi (v_a,id + v_b,jd)),  v = exp(logvar)
+    k_d(a_i, b_j) = exp(-(mu_a,id - mu_b,jd)^2 / (2 (v_a,id + v_b,jd))) / sqrt(2 pi (v_a,id + v_b,jd)),  v = exp(logvar)
     AS = sum_d [mean_ij k_d(a_i, a_j) + mean_ij k_d(b_i, b_j) - 2 mean_ij k_d(a_i, b_j)], all B*B pairs,
-    = sum_d integral (p_a,d(u) - p_b,d(u))^2 du with p_a,d the batch mixture's marginal: >= 0, 0 when a = b.
-    Inputs (..., B, D); returns (...,). reduction "paper" = mean over pairs, sum over dims; "sum" / "mean" =
-    sum / mean over all B*B*D terms (the official code's encoder / decoder step); with_2pi=False drops 2 pi."""
+       = sum_d integral (p_a,d(u) - p_b,d(u))^2 du, p_.,d the batch mixture's marginal: >= 0, 0 when a = b.
+    reduction "official_sum" / "official_mean": the released code's kernel without 1/sqrt(2 pi) and the SUM / MEAN
+    over all B*B*D terms (its encoder / decoder step). Inputs (..., B, D); returns (...,), one value per batch."""
     def kernel_reduced(mu_1, var_1, mu_2, var_2):
         var = var_1.unsqueeze(-2) + var_2.unsqueeze(-3)  # (..., B, B, D)
         k = torch.exp(-(mu_1.unsqueeze(-2) - mu_2.unsqueeze(-3)) ** 2 / (2 * var))
-        k = k / torch.sqrt((2 * math.pi if with_2pi else 1.0) * var)
         if reduction == "paper":
-            return k.mean((-3, -2)).sum(-1)
-        return k.sum((-3, -2, -1)) if reduction == "sum" else k.mean((-3, -2, -1))
+            return (k / torch.sqrt(2 * math.pi * var)).mean((-3, -2)).sum(-1)
+        # DEVIATION: released code drops 1/sqrt(2 pi) and sums (encoder) / averages (decoder) all B*B*D terms.
+        k = k / torch.sqrt(var)
+        return k.sum((-3, -2, -1)) if reduction == "official_sum" else k.mean((-3, -2, -1))
 
     var_a, var_b = torch.exp(logvar_a), torch.exp(logvar_b)
     return (kernel_reduced(mu_a, var_a, mu_a, var_a) + kernel_reduced(mu_b, var_b, mu_b, var_b)
             - 2 * kernel_reduced(mu_a, var_a, mu_b, var_b))
 
 
-def annealing_c(t, total, variant):
-    """Eq. 9's annealing rate: c = min(5t/T, 1) (paper); the official code uses tanh(5t/T) (never exactly 1)."""
-    if variant == "official":
+def annealing_coefficient(t, total, schedule="linear"):
+    """Eq. 9: c = min(5 t / T, 1), t = iteration from 0, T = iterations of the whole run; schedule "tanh":
+    c = tanh(5 t / T), what the released code computes (0.76 at T/5, never exactly 1)."""
+    if schedule == "tanh":
         # DEVIATION: released code's get_coef(mode='tanh'); the paper states the linear schedule.
         return math.tanh(5 * t / total)
     return min(5 * t / total, 1.0)
@@ -286,7 +298,7 @@ def step_vae(enc, dec, opt_enc, opt_dec, x, noise, hp):
     """Plain VAE step (also the warm-up of every method): both networks, one joint loss, no s."""
     mu, logvar = encode(enc, x)
     rec = mlp(dec, reparameterize(mu, logvar, noise[0]))
-    loss = loss_vae(sse(x, rec), kl_prior(mu, logvar), hp["beta_rec"], hp["beta_kl"])
+    loss = vae_loss(sse(x, rec), kl_divergence(mu, logvar), hp["beta_rec"], hp["beta_kl"])
     grads = torch.autograd.grad(loss.sum(), enc + dec)
     for param, grad in zip(enc + dec, grads):
         param.grad = grad
@@ -306,23 +318,23 @@ def step_introvae(enc, dec, opt_enc, opt_dec, x, noise, hp):
         fake = mlp(dec, eps_p)
     mu_r, logvar_r = encode(enc, rec.detach())
     mu_f, logvar_f = encode(enc, fake)
-    loss_e = loss_encoder_introvae(sse(x, rec), kl_prior(mu, logvar), kl_prior(mu_r, logvar_r),
-                                   kl_prior(mu_f, logvar_f), hp["beta_rec"], hp["beta_kl"], hp["beta_neg"],
-                                   hp["margin"])
+    loss_e = intro_encoder_loss(sse(x, rec), kl_divergence(mu, logvar), kl_divergence(mu_r, logvar_r),
+                                kl_divergence(mu_f, logvar_f), hp["margin"], hp["beta_rec"], hp["beta_kl"],
+                                hp["beta_neg"])
     adam_step(opt_enc, enc, loss_e)
     # ALGO LOGIC: decoder step (encoder frozen, as just updated); same z and eps_p
     rec = mlp(dec, z.detach())
     fake = mlp(dec, eps_p)
     mu_r, logvar_r = encode(enc, rec)
     mu_f, logvar_f = encode(enc, fake)
-    loss_d = loss_decoder_introvae(sse(x, rec), kl_prior(mu_r, logvar_r), kl_prior(mu_f, logvar_f),
-                                   hp["beta_rec"], hp["beta_kl"])
+    loss_d = intro_decoder_loss(sse(x, rec), kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f),
+                                hp["beta_rec"], hp["beta_kl"])
     adam_step(opt_dec, dec, loss_d)
     return loss_e.detach(), loss_d.detach()
 
 
 def step_introspective(enc, dec, opt_enc, opt_dec, x, noise, hp, c, variant):
-    """Soft-IntroVAE (c = 1, variant None) or AS-IntroVAE (c from annealing_c, variant paper|official)."""
+    """Soft-IntroVAE (c = 1, variant None) or AS-IntroVAE (c from annealing_coefficient, variant paper|official)."""
     eps_z, eps_p, eps_r, eps_f, eps_rr, eps_ff = noise
     use_as = variant is not None and c < 1.0
     official = variant == "official"
@@ -338,15 +350,15 @@ def step_introspective(enc, dec, opt_enc, opt_dec, x, noise, hp, c, variant):
     rf = mlp(dec, reparameterize(mu_f, logvar_f, eps_f))
     as_enc = 0.0
     if use_as and official:
-        # DEVIATION: released code squashes mu, logvar with tanh, drops 2 pi and SUMS over B*B*D here.
+        # DEVIATION: released code squashes mu, logvar with tanh before the AS-Distance (not before the KLs here).
         as_enc = as_distance(torch.tanh(mu_r), torch.tanh(logvar_r), torch.tanh(mu_f), torch.tanh(logvar_f),
-                             with_2pi=False, reduction="sum").unsqueeze(-1)
+                             reduction="official_sum").unsqueeze(-1)
     elif use_as:
         as_enc = as_distance(mu_r, logvar_r, mu_f, logvar_f).unsqueeze(-1)
     # rec is NOT detached in SSE(rec, rr): that gradient reaches the encoder through z (Soft-IntroVAE does this).
-    loss_e = loss_encoder_as(sse(x, rec), kl_prior(mu, logvar), sse(rec, rr), kl_prior(mu_r, logvar_r),
-                             sse(fake, rf), kl_prior(mu_f, logvar_f), as_enc, c, hp["beta_rec"], hp["beta_kl"],
-                             hp["beta_neg"], hp["s"])
+    loss_e = as_intro_encoder_loss(sse(x, rec), kl_divergence(mu, logvar), sse(rec, rr),
+                                   kl_divergence(mu_r, logvar_r), sse(fake, rf), kl_divergence(mu_f, logvar_f),
+                                   as_enc, c, hp["s"], hp["beta_rec"], hp["beta_kl"], hp["beta_neg"])
     adam_step(opt_enc, enc, loss_e)
     # ALGO LOGIC: decoder step (encoder frozen, as just updated); same z and eps_p
     rec = mlp(dec, z.detach())
@@ -359,14 +371,12 @@ def step_introspective(enc, dec, opt_enc, opt_dec, x, noise, hp, c, variant):
         # DEVIATION: released code squashes mu, logvar with tanh before the decoder's KLs and the AS-Distance.
         mu_r, logvar_r, mu_f, logvar_f = (torch.tanh(v) for v in (mu_r, logvar_r, mu_f, logvar_f))
     as_dec = 0.0
-    if use_as and official:
-        # DEVIATION: released code drops 2 pi and takes the MEAN over B*B*D in the decoder step.
-        as_dec = as_distance(mu_r, logvar_r, mu_f, logvar_f, with_2pi=False, reduction="mean").unsqueeze(-1)
-    elif use_as:
-        as_dec = as_distance(mu_r, logvar_r, mu_f, logvar_f).unsqueeze(-1)
-    loss_d = loss_decoder_as(sse(x, rec), kl_prior(mu_r, logvar_r), kl_prior(mu_f, logvar_f),
-                             sse(rec.detach(), rr), sse(fake.detach(), rf), as_dec, c, hp["beta_rec"],
-                             hp["beta_kl"], hp["gamma_r"], hp["s"])
+    if use_as:
+        as_dec = as_distance(mu_r, logvar_r, mu_f, logvar_f,
+                             reduction="official_mean" if official else "paper").unsqueeze(-1)
+    loss_d = as_intro_decoder_loss(sse(x, rec), kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f),
+                                   sse(rec.detach(), rr), sse(fake.detach(), rf), as_dec, c, hp["s"],
+                                   hp["beta_rec"], hp["beta_kl"], hp["gamma_r"], "official" if official else "paper")
     adam_step(opt_dec, dec, loss_d)
     return loss_e.detach(), loss_d.detach()
 
@@ -496,7 +506,7 @@ def train(groups, cfg, start, stop, ckpt_path=None, train_seconds=0.0, progress=
         blocks = [g.draw_block(k, cfg.batch_size) for g in groups]
         for i in range(k):
             lr = learning_rate(t, cfg.lr, milestones)
-            c = annealing_c(t, cfg.iters, cfg.variant)
+            c = annealing_coefficient(t, cfg.iters, "tanh" if cfg.variant == "official" else "linear")
             for g, (data, noise) in zip(groups, blocks):
                 g.set_lr(lr)
                 g.step(t, data[i], noise[i], warmup, c, cfg.variant)
@@ -520,8 +530,8 @@ def benchmark(groups, cfg, n_iters):
             sync()
             tic, tic_cpu = time.perf_counter(), time.process_time()
         for g, (data, noise) in zip(groups, blocks):
-            g.step(warmup + i, data[0], noise[0], warmup, annealing_c(warmup + i, cfg.iters, cfg.variant),
-                   cfg.variant)
+            c = annealing_coefficient(warmup + i, cfg.iters, "tanh" if cfg.variant == "official" else "linear")
+            g.step(warmup + i, data[0], noise[0], warmup, c, cfg.variant)
     sync()
     return 1000 * (time.perf_counter() - tic) / n_iters, 1000 * (time.process_time() - tic_cpu) / n_iters
 
@@ -533,7 +543,7 @@ def benchmark(groups, cfg, n_iters):
 def gnelbo_loss(enc, dec, x):
     """Soft-IntroVAE's evaluation energy L(x) = KL(q(z|x) || N(0, I)) + ||x - Dec(mu(x))||^2 (weights 1, z = mu)."""
     mu, logvar = encode(enc, x)
-    return kl_prior(mu, logvar) + sse(x, mlp(dec, mu))
+    return kl_divergence(mu, logvar) + sse(x, mlp(dec, mu))
 
 
 @torch.no_grad()
@@ -622,7 +632,7 @@ def evaluate(groups, cfg, out_dir, train_seconds, failures):
                 # JSON has no NaN: undefined values (no point inside the square, spiral modes) become null
                 record.update({k: None if math.isnan(v) else (v if isinstance(v, int) else float(v))
                                for k, v in values.items()})
-            title = f"{METHOD_NAMES[run.method]} {run.combo} ({run.beta_kl:g}, {run.beta_rec:g}, {run.beta_neg:g})"
+            title = f"{METHOD_NAMES[run.method]}, {run.combo} ({run.beta_kl:g}, {run.beta_rec:g}, {run.beta_neg:g})"
             draw_scatter(fake[i], span, title).save(os.path.join(out_dir, f"scatter_{run.tag}.png"))
             draw_density(density[i], span, title).save(os.path.join(out_dir, f"density_{run.tag}.png"))
             record["train_seconds_shared"] = round(train_seconds, 1)

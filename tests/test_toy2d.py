@@ -74,8 +74,8 @@ def test_mode_stats_hand_cases():
 
 def test_annealing_and_learning_rate_schedules():
     T = 30000
-    assert [toy2d.annealing_c(t, T, "paper") for t in (0, 3000, 6000, 29999)] == [0.0, 0.5, 1.0, 1.0]
-    official = [toy2d.annealing_c(t, T, "official") for t in (0, 3000, 6000, 29999)]
+    assert [toy2d.annealing_coefficient(t, T, "linear") for t in (0, 3000, 6000, 29999)] == [0.0, 0.5, 1.0, 1.0]
+    official = [toy2d.annealing_coefficient(t, T, "tanh") for t in (0, 3000, 6000, 29999)]
     assert official == pytest.approx([0.0, 0.46211715726, 0.76159415596, math.tanh(5 * 29999 / 30000)])
     assert toy2d.schedule(30000) == (2000, (10000, 15000))
     assert toy2d.schedule(3000) == (200, (1000, 1500))
@@ -111,8 +111,8 @@ def test_as_distance_equals_integrated_squared_difference_of_marginals():
     got = toy2d.as_distance(*t).item()
     assert got == pytest.approx(expected, rel=1e-8)
     # the official reductions (no 2 pi): sum over B*B*D = sqrt(2 pi) B^2 * paper; mean = sqrt(2 pi) / D * paper
-    got_sum = toy2d.as_distance(*t, with_2pi=False, reduction="sum").item()
-    got_mean = toy2d.as_distance(*t, with_2pi=False, reduction="mean").item()
+    got_sum = toy2d.as_distance(*t, reduction="official_sum").item()
+    got_mean = toy2d.as_distance(*t, reduction="official_mean").item()
     assert got_sum == pytest.approx(math.sqrt(2 * math.pi) * B * B * expected, rel=1e-8)
     assert got_mean == pytest.approx(math.sqrt(2 * math.pi) / D * expected, rel=1e-8)
 
@@ -142,37 +142,39 @@ def T(*rows):
 
 def test_sse_and_kl_by_hand():
     assert toy2d.sse(T([1.0, 0.0], [0.0, 1.0]), T([1.0, 0.0], [0.0, 0.0])).tolist() == [0.0, 1.0]
-    kl = toy2d.kl_prior(T([0.0, 0.0], [1.0, 0.0], [0.0, 0.0]), T([0.0, 0.0], [0.0, 0.0], [math.log(2), 0.0]))
+    kl = toy2d.kl_divergence(T([0.0, 0.0], [1.0, 0.0], [0.0, 0.0]), T([0.0, 0.0], [0.0, 0.0], [math.log(2), 0.0]))
     assert kl.tolist() == pytest.approx([0.0, 0.5, 0.5 * (1 - math.log(2))])
 
 
 def test_vae_and_introvae_losses_by_hand():
     sse_real, kl_real = T(0.0, 1.0), T(0.0, 0.5)
     # 0.5 * [0, 1] + 2 * [0, 0.5] = [0, 1.5] -> 0.75
-    assert toy2d.loss_vae(sse_real, kl_real, 0.5, 2.0).item() == pytest.approx(0.75)
+    assert toy2d.vae_loss(sse_real, kl_real, 0.5, 2.0).item() == pytest.approx(0.75)
     kl_r, kl_f = T(1.0, 3.0), T(4.0, 6.0)  # batch means 2 and 5; margin 3 -> hinges 1 and 0
     # 0.5 * 0.5 + 2 * (0.25 + 0.5 * 1 * (1 + 0)) = 1.75
-    assert toy2d.loss_encoder_introvae(sse_real, kl_real, kl_r, kl_f, 0.5, 2.0, 1.0, 3.0).item() == pytest.approx(1.75)
+    assert toy2d.intro_encoder_loss(sse_real, kl_real, kl_r, kl_f, 3.0, 0.5, 2.0, 1.0).item() == pytest.approx(1.75)
     # 0.5 * 0.5 + 0.5 * 2 * (2 + 5) = 7.25
-    assert toy2d.loss_decoder_introvae(sse_real, kl_r, kl_f, 0.5, 2.0).item() == pytest.approx(7.25)
+    assert toy2d.intro_decoder_loss(sse_real, kl_r, kl_f, 0.5, 2.0).item() == pytest.approx(7.25)
 
 
 def test_soft_and_as_losses_by_hand():
     e = math.e
-    args = dict(sse_real=T(0.0, 1.0), kl_real=T(0.0, 0.5), sse_r=T(1.0, 0.0), kl_r=T(0.0, 1.0),
-                sse_f=T(0.0, 2.0), kl_f=T(1.0, 1.0), beta_rec=1.0, beta_kl=1.0, beta_neg=1.0, s=0.5)
+    args = dict(rec_err=T(0.0, 1.0), kl_real=T(0.0, 0.5), rec_err_r=T(1.0, 0.0), kl_r=T(0.0, 1.0),
+                rec_err_f=T(0.0, 2.0), kl_f=T(1.0, 1.0), beta_rec=1.0, beta_kl=1.0, beta_neg=1.0, s=0.5)
     # c = 1 (Soft-IntroVAE): 0.5 * (0.5 + 0.25) + 0.25 * (mean[e^-1, e^-1] + mean[e^-1, e^-3])
-    soft = toy2d.loss_encoder_as(as_dist=123.0, c=1.0, **args).item()
+    soft = toy2d.as_intro_encoder_loss(as_dist=123.0, c=1.0, **args).item()
     assert soft == pytest.approx(0.375 + 0.375 / e + 0.125 / e ** 3)
     # c = 0.5, AS = 2: exponents r [2, 1.5], f [1.5, 3.5]
-    mixed = toy2d.loss_encoder_as(as_dist=2.0, c=0.5, **args).item()
+    mixed = toy2d.as_intro_encoder_loss(as_dist=2.0, c=0.5, **args).item()
     assert mixed == pytest.approx(0.375 + 0.125 * (e ** -2 + 2 * e ** -1.5 + e ** -3.5))
-    dec = dict(sse_real=T(0.0, 1.0), kl_r=T(0.0, 1.0), kl_f=T(1.0, 1.0), sse_rr=T(2.0, 0.0), sse_rf=T(0.0, 4.0),
-               beta_rec=1.0, beta_kl=1.0, gamma_r=0.1, s=0.5)
-    # 0.5 * (0.5 + 0.5 * (0.5 * (0.5 + 1) + 0.5 * 2) + 0.1 * 0.5 * (1 + 2)) = 0.7625
-    assert toy2d.loss_decoder_as(as_dist=2.0, c=0.5, **dec).item() == pytest.approx(0.7625)
-    # c = 1: 0.5 * (0.5 + 0.5 * 1.5 + 0.15) = 0.7
-    assert toy2d.loss_decoder_as(as_dist=2.0, c=1.0, **dec).item() == pytest.approx(0.7)
+    dec = dict(rec_err=T(0.0, 1.0), kl_r=T(0.0, 1.0), kl_f=T(1.0, 1.0), rec_err_rr=T(2.0, 0.0),
+               rec_err_rf=T(0.0, 4.0), beta_rec=1.0, beta_kl=1.0, gamma_r=0.1, s=0.5)
+    # paper (Eq. 9, AS once per q = r, f): 0.5 * (0.5 + 0.5 * (0.5 * (0.5 + 1) + 2 * 0.5 * 2) + 0.1 * 0.5 * (1 + 2))
+    assert toy2d.as_intro_decoder_loss(as_dist=2.0, c=0.5, **dec).item() == pytest.approx(1.0125)
+    # official (AS once in all): 0.5 * (0.5 + 0.5 * (0.5 * (0.5 + 1) + 0.5 * 2) + 0.15) = 0.7625
+    assert toy2d.as_intro_decoder_loss(as_dist=2.0, c=0.5, variant="official", **dec).item() == pytest.approx(0.7625)
+    # c = 1 (Soft-IntroVAE), either variant: 0.5 * (0.5 + 0.5 * 1.5 + 0.15) = 0.7
+    assert toy2d.as_intro_decoder_loss(as_dist=2.0, c=1.0, **dec).item() == pytest.approx(0.7)
 
 
 def test_losses_keep_runs_apart():
@@ -181,14 +183,14 @@ def test_losses_keep_runs_apart():
     per = [torch.rand(3, 4, dtype=torch.float64) for _ in range(6)]
     betas = [torch.rand(3, 1, dtype=torch.float64) for _ in range(3)]
     as_dist = torch.rand(3, 1, dtype=torch.float64)
-    stacked = toy2d.loss_encoder_as(*per, as_dist, 0.3, *betas, 0.5)
+    stacked = toy2d.as_intro_encoder_loss(*per, as_dist, 0.3, 0.5, *betas)
     for r in range(3):
-        alone = toy2d.loss_encoder_as(*(p[r] for p in per), as_dist[r, 0].item(), 0.3,
-                                      *(b[r, 0].item() for b in betas), 0.5)
+        alone = toy2d.as_intro_encoder_loss(*(p[r] for p in per), as_dist[r, 0].item(), 0.3, 0.5,
+                                            *(b[r, 0].item() for b in betas))
         assert stacked[r].item() == pytest.approx(alone.item(), rel=1e-12)
-    hinge = toy2d.loss_encoder_introvae(per[0], per[1], per[2], per[3], *betas, 1.0)
-    alone = toy2d.loss_encoder_introvae(per[0][2], per[1][2], per[2][2], per[3][2],
-                                        *(b[2, 0].item() for b in betas), 1.0)
+    hinge = toy2d.intro_encoder_loss(per[0], per[1], per[2], per[3], 1.0, *betas)
+    alone = toy2d.intro_encoder_loss(per[0][2], per[1][2], per[2][2], per[3][2], 1.0,
+                                     *(b[2, 0].item() for b in betas))
     assert hinge.shape == (3,) and hinge[2].item() == pytest.approx(alone.item(), rel=1e-12)
 
 
@@ -228,11 +230,11 @@ def reference_introspective_step(enc, dec, x, noise, beta_rec, beta_kl, beta_neg
     rr = dec(mu_r + torch.exp(0.5 * lv_r) * eps_r)
     mu_f, lv_f = enc_fn(fake.detach())
     rf = dec(mu_f + torch.exp(0.5 * lv_f) * eps_f)
-    kl = toy2d.kl_prior
+    kl = toy2d.kl_divergence
     as_e = 0.0
     if variant is not None:
-        as_e = toy2d.as_distance(*squash(mu_r, lv_r, mu_f, lv_f), with_2pi=variant == "paper",
-                                 reduction="paper" if variant == "paper" else "sum")
+        as_e = toy2d.as_distance(*squash(mu_r, lv_r, mu_f, lv_f),
+                                 reduction="paper" if variant == "paper" else "official_sum")
     elbo_r = beta_rec * ((rec - rr) ** 2).sum(1) + beta_neg * (c * kl(mu_r, lv_r) + (1 - c) * as_e)
     elbo_f = beta_rec * ((fake - rf) ** 2).sum(1) + beta_neg * (c * kl(mu_f, lv_f) + (1 - c) * as_e)
     loss_e = (s * (beta_rec * ((x - rec) ** 2).sum(1).mean() + beta_kl * kl(mu, lv).mean())
@@ -250,9 +252,9 @@ def reference_introspective_step(enc, dec, x, noise, beta_rec, beta_kl, beta_neg
     rf = dec((mu_f + torch.exp(0.5 * lv_f) * eps_ff).detach())
     mu_r, lv_r, mu_f, lv_f = squash(mu_r, lv_r, mu_f, lv_f)
     as_d = 0.0
-    if variant is not None:
-        as_d = toy2d.as_distance(mu_r, lv_r, mu_f, lv_f, with_2pi=variant == "paper",
-                                 reduction="paper" if variant == "paper" else "mean")
+    if variant is not None:  # Eq. 9 sums (1 - c) AS over r and f (paper); the released code adds it once
+        as_d = toy2d.as_distance(mu_r, lv_r, mu_f, lv_f, reduction="paper" if variant == "paper" else "official_mean")
+        as_d = as_d * (2 if variant == "paper" else 1)
     loss_d = s * (beta_rec * ((x - rec) ** 2).sum(1).mean()
                   + 0.5 * beta_kl * (c * (kl(mu_r, lv_r).mean() + kl(mu_f, lv_f).mean()) + (1 - c) * as_d)
                   + gamma_r * 0.5 * beta_rec * (((rec.detach() - rr) ** 2).sum(1).mean()
