@@ -8,16 +8,9 @@ import torch
 
 import as_introvae as asv
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 E = math.exp
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def t(*values):

@@ -2,9 +2,6 @@
 resume equality (N steps in one go == k steps + resume + N - k steps, bit for bit), --eval with an
 Inception (random weights), and every kind of bad input ending in one line and exit 2."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,42 +10,17 @@ from PIL import Image
 
 import as_introvae as asv
 import eval_metrics
+from helpers import assert_identical, pattern_images, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def images(n, seed, size=16):
-    """n smooth colour patterns plus noise, uint8 (n, size, size, 3)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    out = []
-    for i in range(n):
-        base = (np.sin(xx / (2 + i % 3) + i) + np.cos(yy / (2 + i % 4))) * 60 + 128
-        out.append(np.stack([base, base[::-1], base[:, ::-1]], -1) + rng.normal(0, 10, (size, size, 3)))
-    return np.clip(out, 0, 255).astype(np.uint8)
+pytestmark = pytest.mark.usefixtures("one_thread", "offline_torch_home")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
-    np.savez(folder / "train.npz", images=images(20, 0))
-    np.savez(folder / "test.npz", images=images(12, 1))
+    np.savez(folder / "train.npz", images=pattern_images(20, 0))
+    np.savez(folder / "test.npz", images=pattern_images(12, 1))
     return folder
-
-
-@pytest.fixture(autouse=True)
-def offline_torch_home(tmp_path, monkeypatch):
-    """No Inception weights anywhere: FID must say how to provide them (and downloads fail offline)."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a shared CPU (and keeps the runs reproducible)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_flags(data, out, *extra):
@@ -59,9 +31,7 @@ def tiny_flags(data, out, *extra):
 
 
 def run_cli(args, cwd):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "as_introvae.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("as_introvae.py", args, cwd)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -100,7 +70,7 @@ def test_smoke_run_per_model(data, tmp_path, model, extra):
 def test_folder_dataset_and_real_cli_exit_code(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
-    for i, image in enumerate(images(6, 2, size=20)):  # resized to --image-size 16
+    for i, image in enumerate(pattern_images(6, 2, size=20)):  # resized to --image-size 16
         Image.fromarray(image).save(folder / f"{i}.png")
     out = tmp_path / "run"
     args = ["--dataset", "folder", "--data-root", str(folder), "--image-size", "16", "--channels", "8,16", "--z-dim", "4",
@@ -132,21 +102,6 @@ def test_resume_equals_one_go(data, tmp_path, capsys):
     one = torch.load(tmp_path / "one_go" / "checkpoint.pt", weights_only=True)
     two = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert one["step"] == two["step"] == 7 and one["epoch"] == two["epoch"] == 2  # 3 iterations per epoch
-
-    def assert_identical(a, b, where):
-        if isinstance(a, torch.Tensor):
-            assert torch.equal(a, b), where
-        elif isinstance(a, dict):
-            assert a.keys() == b.keys(), where
-            for key in a:
-                assert_identical(a[key], b[key], f"{where}.{key}")
-        elif isinstance(a, (list, tuple)):
-            assert len(a) == len(b), where
-            for i, (x, y) in enumerate(zip(a, b)):
-                assert_identical(x, y, f"{where}[{i}]")
-        else:
-            assert a == b, where
-
     for part in ("nets", "opts", "rng"):
         assert_identical(one[part], two[part], part)
 
@@ -184,7 +139,7 @@ def test_eval_checkpoint_with_fid(data, tmp_path, capsys):
 def bad_folder(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
-    Image.fromarray(images(1, 0)[0]).save(folder / "a.png")
+    Image.fromarray(pattern_images(1, 0)[0]).save(folder / "a.png")
     (folder / "b.png").write_bytes(b"not a png at all")
     return ["--dataset", "folder", "--data-root", str(folder), "--image-size", "16", "--channels", "8,16",
             "--batch-size", "2", "--num-workers", "0", "--out", str(tmp_path / "r")]

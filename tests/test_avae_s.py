@@ -12,16 +12,9 @@ import torch.nn.functional as F
 import as_introvae as asv
 import eval_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def step_image(height, width, first_bright_col):

@@ -2,9 +2,6 @@
 run per model through the command line, resume equality across the lambda probe and the pretrain -> adversarial
 boundary, --eval with FID at the four Inception depths (random weights), and bad input ending in one line."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,42 +9,20 @@ import torch
 
 import as_introvae as asv
 import eval_metrics
+from helpers import assert_identical, pattern_images, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("one_thread", "offline_torch_home")
+
 SIZE = 32
-
-
-def images(n, seed):
-    """n smooth colour patterns plus noise, uint8 (n, 32, 32, 3)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    out = []
-    for i in range(n):
-        base = (np.sin(xx / (2 + i % 3) + i) + np.cos(yy / (2 + i % 4))) * 60 + 128
-        out.append(np.stack([base, base[::-1], base[:, ::-1]], -1) + rng.normal(0, 10, (SIZE, SIZE, 3)))
-    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
-    np.savez(folder / "train.npz", images=images(24, 0))  # 3 batches of 8 per epoch
-    np.savez(folder / "test.npz", images=images(10, 1))
-    np.savez(folder / "train25.npz", images=images(25, 0))  # ends on a batch of 1
+    np.savez(folder / "train.npz", images=pattern_images(24, 0, SIZE))  # 3 batches of 8 per epoch
+    np.savez(folder / "test.npz", images=pattern_images(10, 1, SIZE))
+    np.savez(folder / "train25.npz", images=pattern_images(25, 0, SIZE))  # ends on a batch of 1
     return folder
-
-
-@pytest.fixture(autouse=True)
-def offline_torch_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_flags(data, out, *extra):
@@ -57,9 +32,7 @@ def tiny_flags(data, out, *extra):
 
 
 def run_cli(args, cwd):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "as_introvae.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("as_introvae.py", args, cwd)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,21 +81,6 @@ def test_smoke_run_per_model(data, tmp_path, model):
 # ---------------------------------------------------------------------------------------------------
 # resume across the lambda probe and the pretrain -> adversarial boundary, exactly
 # ---------------------------------------------------------------------------------------------------
-def assert_identical(a, b, where):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def test_resume_equals_one_go_across_probe_and_phase(data, tmp_path, capsys):
     flags = ["--model", "avae-s", "--pretrain-epochs", "1", "--adv-epochs", "1", "--lambda-batches", "2",
              "--hflip", "1"]
