@@ -9,7 +9,7 @@ group per method. Runs never mix: each has its own weights, data stream, noise a
     python toy2d.py --combo all                                 # Table 1 and the Fig. 3-like overview
     python toy2d.py --dataset checkerboard --combo all          # supplement Table 4
     python toy2d.py --dataset all --combo all                   # 48 runs: 4 datasets x 4 methods x C1-C3
-    python toy2d.py --combo all --iters 3000                    # CPU quick version (warm-up, lr steps scale)
+    python toy2d.py --combo all --iters 1500                    # CPU quick version, ~10-16 min (schedule scales)
     python toy2d.py --combo C2 --methods sintrovae --mapping literal   # the other reading of C1-C3
     python toy2d.py --bench 50 --dataset all --combo all        # ms per iteration, 48 runs side by side
 

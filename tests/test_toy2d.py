@@ -8,6 +8,8 @@ import torch
 
 import toy2d
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)

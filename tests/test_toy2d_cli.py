@@ -1,8 +1,5 @@
 """toy2d.py through its command line: a tiny full run, resume, and one-line rejection of bad flags."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,17 +7,16 @@ import torch
 from PIL import Image
 
 import toy2d as toy2d_module
+from helpers import ROOT, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--iters", "12", "--batch-size", "32", "--hidden", "16", "--n-eval", "300", "--grid", "64"]
 KEYS = {"dataset", "method", "combo", "variant", "seed", "iters", "kl_paper", "jsd_paper", "kl", "jsd", "gnelbo",
         "modes", "hq_fraction", "seconds"}
 
 
 def toy2d(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "toy2d.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
+    return run_script("toy2d.py", args, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
