@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,26 +36,31 @@ from eval_metrics import Progress, hist_kl_jsd
 # Config
 
 
+def option(default, help):
+    """A Config field with its one-line doc, which argparse shows in --help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
-    dataset: str = "8gaussians"  # 8gaussians | checkerboard | spiral | rings | all
-    combo: str = "C2"  # C1 | C2 | C3 | all | tuned (Soft-IntroVAE's per-dataset betas)
-    methods: str = "vae,introvae,sintrovae,asintrovae"  # comma list of the methods to train
-    variant: str = "paper"  # AS-IntroVAE: paper (eq. 7-9 literally) | official (the released code)
-    mapping: str = "closest"  # C1-C3 read as (beta_kl, beta_rec, beta_neg) "closest" | (kl, neg, rec) "literal"
-    iters: int = 30000  # iterations incl. the VAE warm-up (iters/15) and lr x0.1 at iters/3, iters/2
-    seeds: str = "92"  # comma list of seeds; each seed is one run per (dataset, method, combo)
-    batch_size: int = 512  # points per iteration, drawn fresh from the data distribution
-    hidden: int = 256  # width of the 4 hidden layers of encoder and decoder
-    lr: float = 2e-4  # Adam learning rate of both networks before the steps
-    margin: float = 8.0  # IntroVAE's hinge margin m for 2D (best of 0.5, 2, 8 in the README's sweep)
-    gamma_r: float = 1e-8  # weight of the generated samples' reconstruction in the decoder loss
-    n_eval: int = 5000  # generated and real points for KL / JSD / modes
-    grid: int = 1024  # gnELBO and density grid is grid x grid over [-R, R]^2
-    out: str = ""  # output folder; empty = runs/toy2d-<timestamp>
-    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
-    ckpt_every: int = 2000  # iterations between checkpoints (rounded to whole data blocks)
-    bench: int = 0  # >0: time this many post-warm-up iterations, print ms/iteration, write nothing
+    dataset: str = option("8gaussians", "8gaussians | checkerboard | spiral | rings | all")
+    combo: str = option("C2", "C1 | C2 | C3 | all | tuned (Soft-IntroVAE's per-dataset betas)")
+    methods: str = option("vae,introvae,sintrovae,asintrovae", "comma list of the methods to train")
+    variant: str = option("paper", "AS-IntroVAE: paper (eq. 7-9 literally) | official (the released code)")
+    mapping: str = option("closest", "C1-C3 as (beta_kl, beta_rec, beta_neg): closest | as (kl, neg, rec): literal")
+    iters: int = option(30000, "iterations incl. the VAE warm-up (iters/15) and lr x0.1 at iters/3, iters/2")
+    seeds: str = option("92", "comma list of seeds; each seed is one run per (dataset, method, combo)")
+    batch_size: int = option(512, "points per iteration, drawn fresh from the data distribution")
+    hidden: int = option(256, "width of the 4 hidden layers of encoder and decoder")
+    lr: float = option(2e-4, "Adam learning rate of both networks before the steps")
+    margin: float = option(8.0, "IntroVAE's hinge margin m for 2D (best of 0.5, 2, 8 in the README's sweep)")
+    gamma_r: float = option(1e-8, "weight of the generated samples' reconstruction in the decoder loss")
+    n_eval: int = option(5000, "generated and real points for KL / JSD / modes")
+    grid: int = option(1024, "gnELBO and density grid is grid x grid over [-R, R]^2")
+    out: str = option("", "output folder; empty = runs/toy2d-<timestamp>")
+    device: str = option("auto", "auto (cuda when present) | cpu | cuda | cuda:N")
+    ckpt_every: int = option(2000, "iterations between checkpoints (rounded to whole data blocks)")
+    bench: int = option(0, ">0: time this many post-warm-up iterations, print ms/iteration, write nothing")
 
 
 CHOICES = {
@@ -752,7 +757,7 @@ def parse_config(argv):
                            allow_abbrev=False)
     for f in dataclasses.fields(Config):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            choices=CHOICES.get(f.name), help=f"default: {f.default!r}")
+                            choices=CHOICES.get(f.name), help=f"{f.metadata['help']} (default {f.default!r})")
     cfg = Config(**vars(parser.parse_args(argv)))
     methods = cfg.methods.split(",")
     if not methods or any(m not in METHODS for m in methods):
