@@ -772,7 +772,7 @@ def sobel_edges(x):
 def loss_sobel(x, rec):
     """L_Sobel, AVAE-S Eq. 6: ||E_Sobel(x) - E_Sobel(rec)||^2 summed over both maps of every channel, per sample
     (B,). Squared, as Algorithm 1's ||.||_2 for L_MSE."""
-    return (sobel_edges(x) - sobel_edges(rec)).pow(2).flatten(1).sum(dim=1)
+    return sse(sobel_edges(x), sobel_edges(rec))
 
 
 def gabor_kernels(wavelengths=(4.0, 8.0), orientations_deg=(0.0, 45.0, 90.0, 135.0), gamma=1.0):
@@ -824,7 +824,7 @@ def loss_gabor(x, rec, kernels):
     per sample (B,). Squared, as L_Sobel."""
     total = 0.0
     for response_x, response_rec in zip(gabor_responses(x, kernels), gabor_responses(rec, kernels)):
-        total = total + (response_x - response_rec).pow(2).flatten(1).sum(dim=1)
+        total = total + sse(response_x, response_rec)
     return total
 
 
@@ -1152,19 +1152,18 @@ def soft_intro_decoder_step(nets, opt, x, z, eps, cfg, c, s, amp):
     # ALGO LOGIC
     rec_err = sse(x, rec)
     rec_err_rr, rec_err_rf = sse(rec.detach(), rec_rec), sse(fake.detach(), rec_fake)
+    official = cfg.model == "asintrovae" and cfg.variant == "official"
+    if official:
+        # DEVIATION (official 2): tanh on mu and logvar before the decoder's KLs and the AS-Distance
+        mu_r, logvar_r, mu_f, logvar_f = (v.tanh() for v in (mu_r, logvar_r, mu_f, logvar_f))
+    kl_r, kl_f = kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f)  # (B,)
     if cfg.model == "asintrovae":
-        if cfg.variant == "official":
-            # DEVIATION (official 2): tanh on mu and logvar before the decoder's KLs and the AS-Distance
-            mu_r, logvar_r, mu_f, logvar_f = (v.tanh() for v in (mu_r, logvar_r, mu_f, logvar_f))
-            as_dist = as_distance(mu_r, logvar_r, mu_f, logvar_f, "official_mean")
-        else:
-            as_dist = as_distance(mu_r, logvar_r, mu_f, logvar_f)
-        loss = as_intro_decoder_loss(rec_err, kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f),
-                                     rec_err_rr, rec_err_rf, as_dist, c, s, cfg.beta_rec, cfg.beta_kl, cfg.gamma_r,
-                                     cfg.variant)
+        as_dist = as_distance(mu_r, logvar_r, mu_f, logvar_f, "official_mean" if official else "paper")
+        loss = as_intro_decoder_loss(rec_err, kl_r, kl_f, rec_err_rr, rec_err_rf, as_dist, c, s, cfg.beta_rec,
+                                     cfg.beta_kl, cfg.gamma_r, cfg.variant)
     else:
-        loss = soft_intro_decoder_loss(rec_err, kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f),
-                                       rec_err_rr, rec_err_rf, s, cfg.beta_rec, cfg.beta_kl, cfg.gamma_r)
+        loss = soft_intro_decoder_loss(rec_err, kl_r, kl_f, rec_err_rr, rec_err_rf, s, cfg.beta_rec, cfg.beta_kl,
+                                       cfg.gamma_r)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -1445,9 +1444,9 @@ def train(cfg):
     out_dir = cfg.out or os.path.join("runs", run_name(cfg))
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     state = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
+    schedule = "tanh" if cfg.model == "asintrovae" and cfg.variant == "official" else "linear"
     if state is not None:
         check_same_run(config_from_checkpoint(state, ckpt_path), cfg, ckpt_path)
-        schedule = "tanh" if cfg.variant == "official" else "linear"
         c_now = annealing_coefficient(state["step"], state["total_iters"], schedule)
         print(f"resuming from {ckpt_path} at step {state['step']} of {state['total_iters']}"
               + (f" (c = {c_now:.6f})" if cfg.model == "asintrovae" else "")
@@ -1494,7 +1493,6 @@ def train(cfg):
     # fixed inputs of the periodic grids, from their own generator so that grids never move the training RNG
     grid_real = to_float(next(ordered_batches(train_set, cfg.batch_size, cfg.batch_size, 0)), device)
     grid_noise = torch.randn(grid_real.shape[0], cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    schedule = "tanh" if cfg.model == "asintrovae" and cfg.variant == "official" else "linear"
     progress_end = "\r" if sys.stdout.isatty() else "\n"  # one line rewritten in a terminal, a line per log in a file
     sums, counts, count, images_seen, tick = {}, {}, 0, 0, time.perf_counter()
     lambdas_shown = False
@@ -1718,6 +1716,7 @@ def write_results(results, out_dir):
     print(f"{rec['split']} reconstruction ({rec['images']} images, z = mu): PSNR {rec['psnr']:.3f} SSIM {rec['ssim']:.3f} "
           f"MSE {rec['mse']:.4f} cosine {rec['cosine']:.4f} | sharpness rec {sharp['reconstructed']['mean']:.4g} "
           f"(real {sharp['real']['mean']:.4g}) | FID {fid_text} -> {path}", flush=True)
+
 
 def avae_s_results(cfg, step, iters_per_epoch, vae_s_state):
     """results.json's AVAE-S block (nothing for the other models): the phase of the last step trained (avae,

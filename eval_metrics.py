@@ -787,9 +787,11 @@ def fid_from_dirs(dir_a, dir_b, weights=None, batch_size=50, device=None, dims=2
         if path in folders:
             if len(list_images(path)) < 2:
                 raise MetricInputError(f"FID needs at least 2 images per set, {path} has 1")
-        elif folders and load_stats(path)[0].shape[0] != dims:
-            raise MetricInputError(f"stats file {path} holds {load_stats(path)[0].shape[0]}-d statistics, "
-                                   f"the folder would give {dims}-d (set dims / --dims)")
+        elif folders:
+            file_dims = load_stats(path)[0].shape[0]
+            if file_dims != dims:
+                raise MetricInputError(f"stats file {path} holds {file_dims}-d statistics, "
+                                       f"the folder would give {dims}-d (set dims / --dims)")
     model = load_inception(weights, device or "cpu", dims, bn_batch_stats) if folders else None
     mu_a, sigma_a, _ = stats_from_path(dir_a, model, batch_size, device, progress)
     mu_b, sigma_b, _ = stats_from_path(dir_b, model, batch_size, device, progress)
@@ -843,13 +845,13 @@ def run_recon(cfg, real_dir, rec_dir):
     """`recon REAL_DIR REC_DIR`: per-image PSNR / SSIM / MSE of same-named pairs, mean and std table."""
     pairs = _pair_files(real_dir, rec_dir)
     psnr_all, ssim_all, mse_all = [], [], []
+    window = ssim_window(cfg.ssim_convention)[0].numel()
     with Progress(len(pairs), "recon pairs", enabled=cfg.progress) as bar:
         for real_path, rec_path in pairs:
             real, rec = load_image(real_path)[None], load_image(rec_path)[None]  # (1, 3, H, W)
             if real.shape != rec.shape:
                 raise MetricInputError(f"image sizes differ: {real_path} {tuple(real.shape[2:])} "
                                        f"vs {rec_path} {tuple(rec.shape[2:])}")
-            window = ssim_window(cfg.ssim_convention)[0].numel()
             if min(real.shape[2:]) < window:
                 raise MetricInputError(f"SSIM needs images of at least {window}x{window} px, "
                                        f"{real_path} is {real.shape[2]}x{real.shape[3]}")

@@ -270,6 +270,8 @@ def as_distance(mu_a, logvar_a, mu_b, logvar_b, reduction="paper"):
         k = k / torch.sqrt(var)
         return k.sum((-3, -2, -1)) if reduction == "official_sum" else k.mean((-3, -2, -1))
 
+    if reduction not in ("paper", "official_sum", "official_mean"):
+        raise ValueError(f"reduction must be paper, official_sum or official_mean, got {reduction!r}")
     var_a, var_b = torch.exp(logvar_a), torch.exp(logvar_b)
     return (kernel_reduced(mu_a, var_a, mu_a, var_a) + kernel_reduced(mu_b, var_b, mu_b, var_b)
             - 2 * kernel_reduced(mu_a, var_a, mu_b, var_b))
@@ -534,8 +536,8 @@ def benchmark(groups, cfg, n_iters):
         if i == 5:
             sync()
             tic, tic_cpu = time.perf_counter(), time.process_time()
+        c = annealing_coefficient(warmup + i, cfg.iters, "tanh" if cfg.variant == "official" else "linear")
         for g, (data, noise) in zip(groups, blocks):
-            c = annealing_coefficient(warmup + i, cfg.iters, "tanh" if cfg.variant == "official" else "linear")
             g.step(warmup + i, data[0], noise[0], warmup, c, cfg.variant)
     sync()
     return 1000 * (time.perf_counter() - tic) / n_iters, 1000 * (time.process_time() - tic_cpu) / n_iters
@@ -760,7 +762,7 @@ def parse_config(argv):
                             choices=CHOICES.get(f.name), help=f"{f.metadata['help']} (default {f.default!r})")
     cfg = Config(**vars(parser.parse_args(argv)))
     methods = cfg.methods.split(",")
-    if not methods or any(m not in METHODS for m in methods):
+    if any(m not in METHODS for m in methods):
         parser.error(f"--methods {cfg.methods!r}: use a comma list of {', '.join(METHODS)}")
     try:
         seeds = [int(s) for s in cfg.seeds.split(",")]

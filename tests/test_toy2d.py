@@ -123,6 +123,12 @@ def test_as_distance_equals_integrated_squared_difference_of_marginals():
     assert got_mean == pytest.approx(math.sqrt(2 * math.pi) / D * expected, rel=1e-8)
 
 
+def test_as_distance_rejects_an_unknown_reduction():
+    mu = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="reduction"):
+        toy2d.as_distance(mu, mu, mu, mu, reduction="sum")
+
+
 def test_as_distance_zero_on_itself_nonnegative_and_batched():
     torch.manual_seed(0)
     mu = torch.randn(7, 16, 2, dtype=torch.float64)
