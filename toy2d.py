@@ -292,13 +292,15 @@ def annealing_coefficient(t, total, schedule="linear"):
 # per-run losses (R,) of the step (non-finite values mark a diverged run).
 
 
-def adam_step(optimizer, params, loss):
-    """Gradient of the summed per-run losses w.r.t. params only (the other network stays frozen), then Adam.
-    Runs have disjoint weights, so the sum's gradient is each run's own gradient; Adam is elementwise."""
+def adam_step(params, loss, *optimizers):
+    """Gradient of the summed per-run losses w.r.t. params only (any other network stays frozen), then a step of
+    each optimizer. Runs have disjoint weights, so the sum's gradient is each run's own gradient; Adam is
+    elementwise."""
     grads = torch.autograd.grad(loss.sum(), params)
     for param, grad in zip(params, grads):
         param.grad = grad
-    optimizer.step()
+    for optimizer in optimizers:
+        optimizer.step()
 
 
 def step_vae(enc, dec, opt_enc, opt_dec, x, noise, hp):
@@ -306,11 +308,7 @@ def step_vae(enc, dec, opt_enc, opt_dec, x, noise, hp):
     mu, logvar = encode(enc, x)
     rec = mlp(dec, reparameterize(mu, logvar, noise[0]))
     loss = vae_loss(sse(x, rec), kl_divergence(mu, logvar), hp["beta_rec"], hp["beta_kl"])
-    grads = torch.autograd.grad(loss.sum(), enc + dec)
-    for param, grad in zip(enc + dec, grads):
-        param.grad = grad
-    opt_enc.step()
-    opt_dec.step()
+    adam_step(enc + dec, loss, opt_enc, opt_dec)
     return loss.detach(), loss.detach()
 
 
@@ -328,7 +326,7 @@ def step_introvae(enc, dec, opt_enc, opt_dec, x, noise, hp):
     loss_e = intro_encoder_loss(sse(x, rec), kl_divergence(mu, logvar), kl_divergence(mu_r, logvar_r),
                                 kl_divergence(mu_f, logvar_f), hp["margin"], hp["beta_rec"], hp["beta_kl"],
                                 hp["beta_neg"])
-    adam_step(opt_enc, enc, loss_e)
+    adam_step(enc, loss_e, opt_enc)
     # ALGO LOGIC: decoder step (encoder frozen, as just updated); same z and eps_p
     rec = mlp(dec, z.detach())
     fake = mlp(dec, eps_p)
@@ -336,7 +334,7 @@ def step_introvae(enc, dec, opt_enc, opt_dec, x, noise, hp):
     mu_f, logvar_f = encode(enc, fake)
     loss_d = intro_decoder_loss(sse(x, rec), kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f),
                                 hp["beta_rec"], hp["beta_kl"])
-    adam_step(opt_dec, dec, loss_d)
+    adam_step(dec, loss_d, opt_dec)
     return loss_e.detach(), loss_d.detach()
 
 
@@ -366,7 +364,7 @@ def step_introspective(enc, dec, opt_enc, opt_dec, x, noise, hp, c, variant):
     loss_e = as_intro_encoder_loss(sse(x, rec), kl_divergence(mu, logvar), sse(rec, rr),
                                    kl_divergence(mu_r, logvar_r), sse(fake, rf), kl_divergence(mu_f, logvar_f),
                                    as_enc, c, hp["s"], hp["beta_rec"], hp["beta_kl"], hp["beta_neg"])
-    adam_step(opt_enc, enc, loss_e)
+    adam_step(enc, loss_e, opt_enc)
     # ALGO LOGIC: decoder step (encoder frozen, as just updated); same z and eps_p
     rec = mlp(dec, z.detach())
     fake = mlp(dec, eps_p)
@@ -384,7 +382,7 @@ def step_introspective(enc, dec, opt_enc, opt_dec, x, noise, hp, c, variant):
     loss_d = as_intro_decoder_loss(sse(x, rec), kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f),
                                    sse(rec.detach(), rr), sse(fake.detach(), rf), as_dec, c, hp["s"],
                                    hp["beta_rec"], hp["beta_kl"], hp["gamma_r"], "official" if official else "paper")
-    adam_step(opt_dec, dec, loss_d)
+    adam_step(dec, loss_d, opt_dec)
     return loss_e.detach(), loss_d.detach()
 
 
