@@ -22,6 +22,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,6 +74,7 @@ FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"
+# What list_images counts as an image (suffix, any case): one list for training folders and metrics.
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 FID_MIN_IMAGES = 2048  # below this FID is biased upward and the 2048x2048 covariance is singular
 
@@ -171,17 +173,24 @@ def _image_pair(x, y, data_range):
 # data: image folders and stats files
 # ---------------------------------------------------------------------------------------------------
 def list_images(folder):
-    """Sorted image paths of a folder (bmp/jpg/jpeg/pgm/png/ppm/tif/tiff/webp, any case, not recursive).
+    """Every image file under folder, subfolders included, sorted: the one folder semantics of
+    training (as_introvae.py's --data-root) and of every eval_metrics command.
 
-    pytorch-fid's set of extensions; it matches them case-sensitively and so skips '*.PNG', we do not.
+    An image is a regular file (or a link to one) whose suffix, in any case, is in IMAGE_EXTENSIONS
+    (pytorch-fid's extensions; pytorch-fid matches them case-sensitively, not recursively, and so
+    skips '*.PNG' and subfolders). Links to folders are not entered (os.walk's default). Order:
+    pathlib's, component by component ("a/z.png" before "a-b/a.png"). Returns path strings.
     """
     if not os.path.isdir(folder):
         raise MetricInputError(f"no such folder: {folder}")
-    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                   if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, name)))
+    paths = [os.path.join(parent, name)
+             for parent, _, names in os.walk(folder)
+             for name in names
+             if Path(name).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(parent, name))]
     if not paths:
-        raise MetricInputError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) in folder {folder}")
-    return paths
+        raise MetricInputError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) in folder {folder} "
+                               f"or its subfolders")
+    return sorted(paths, key=lambda path: Path(path).parts)
 
 
 def load_image(path):
@@ -831,14 +840,15 @@ def run_stats(cfg, folder, out_path):
 
 
 def _pair_files(real_dir, rec_dir):
-    """Same-named images of two folders, sorted; MetricInputError when the names differ."""
-    real = {os.path.basename(p): p for p in list_images(real_dir)}
-    rec = {os.path.basename(p): p for p in list_images(rec_dir)}
+    """Images of two folders paired by path relative to their folder ("sub/001.png" with
+    "sub/001.png"), in list_images order; MetricInputError when the two sets of names differ."""
+    real = {os.path.relpath(p, real_dir): p for p in list_images(real_dir)}
+    rec = {os.path.relpath(p, rec_dir): p for p in list_images(rec_dir)}
     only_real, only_rec = sorted(set(real) - set(rec)), sorted(set(rec) - set(real))
     if only_real or only_rec:
         example = (f"{only_real[0]} only in {real_dir}" if only_real else f"{only_rec[0]} only in {rec_dir}")
         raise MetricInputError(f"folders do not pair by file name ({len(only_real) + len(only_rec)} unmatched, e.g. {example})")
-    return [(real[name], rec[name]) for name in sorted(real)]
+    return [(path, rec[name]) for name, path in real.items()]
 
 
 def run_recon(cfg, real_dir, rec_dir):

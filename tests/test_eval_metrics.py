@@ -417,6 +417,63 @@ def test_sharpness_cli(tmp_path, capsys):
     assert code == 0 and f"mean {values.mean():.6f}, std {values.std():.6f}" in out
 
 
+def image_tree(root, relative_paths, seed=30):
+    """One 16x16 pattern image per relative path (folders created); returns root as a string."""
+    images = smooth_images(len(relative_paths), 3, 16, 16, seed=seed)
+    for image, relative in zip(images, relative_paths):
+        folder, name = os.path.split(os.path.join(str(root), relative))
+        save_images(folder, image[None], [name])
+    return str(root)
+
+
+# Component-wise (pathlib) order: "a/z.png" before "a-b/e.bmp" although "a-" < "a/" as strings.
+TREE_SORTED = ["A.PNG", "a/z.png", "a-b/e.bmp", "b.png", "sub/c.JPEG", "sub/deep/d.webp", "upper.TIFF"]
+
+
+def test_list_images_recursive_sorted_any_case(tmp_path):
+    root = image_tree(tmp_path / "tree", ["upper.TIFF", "sub/deep/d.webp", "b.png", "a-b/e.bmp", "a/z.png",
+                                          "sub/c.JPEG", "A.PNG"])
+    for junk in ("notes.txt", "sub/readme.md", "png", "b.png.bak", "sub/deep/x.png.txt"):
+        open(os.path.join(root, junk), "w").close()
+    os.makedirs(os.path.join(root, "empty", "deeper"))
+    paths = em.list_images(root)
+    assert [os.path.relpath(p, root) for p in paths] == TREE_SORTED
+    assert all(isinstance(p, str) and p.startswith(root) for p in paths)
+    assert em.list_images(root + os.sep) == paths
+    # a folder whose name looks like an image is entered, not listed
+    image_tree(os.path.join(root, "folder.png"), ["inner.png"])
+    relative = [os.path.relpath(p, root) for p in em.list_images(root)]
+    assert relative == TREE_SORTED[:4] + ["folder.png/inner.png"] + TREE_SORTED[4:]
+    with pytest.raises(em.MetricInputError, match="no images .* or its subfolders"):
+        em.list_images(os.path.join(root, "empty"))
+
+
+def test_training_and_metrics_read_the_same_files(tmp_path):
+    """as_introvae.py's --dataset folder and eval_metrics.py's commands see one list of images."""
+    asv = pytest.importorskip("as_introvae")
+    root = image_tree(tmp_path / "tree", TREE_SORTED)
+    open(os.path.join(root, "sub", "labels.csv"), "w").close()
+    assert set(asv.IMAGE_EXTENSIONS) == set(em.IMAGE_EXTENSIONS)
+    assert [str(p) for p in asv.ImageFolder(root, 16).files] == em.list_images(root)
+
+
+def test_recon_pairs_nested_folders_by_relative_path(tmp_path, capsys):
+    names = ["x/000.png", "y/000.png", "y/z/001.png"]  # the same file name in two subfolders
+    real = smooth_images(3, 3, 16, 16, seed=31)
+    rec = noisy(real, 0.1, seed=32)
+    for folder, images in (("real", real), ("rec", rec)):
+        for image, name in zip(images, names):
+            where, file_name = os.path.split(str(tmp_path / folder / name))
+            save_images(where, image[None], [file_name])
+    code, out, err = run_cli(capsys, "recon", str(tmp_path / "real"), str(tmp_path / "rec"), "--no-progress")
+    assert code == 0 and err == "" and out.startswith("3 pairs,")
+    loaded = [torch.stack([em.load_image(str(tmp_path / f / n)) for n in names]) for f in ("real", "rec")]
+    assert f"{em.psnr(*loaded)[1]:14.6f}" in out and f"{em.mse(*loaded)[1]:14.8f}" in out
+    os.rename(str(tmp_path / "rec" / "y" / "z"), str(tmp_path / "rec" / "y" / "w"))
+    code, _, err = run_cli(capsys, "recon", str(tmp_path / "real"), str(tmp_path / "rec"), "--no-progress")
+    assert_one_line_error(code, err, f"(2 unmatched, e.g. y/z/001.png only in {tmp_path / 'real'})")
+
+
 def test_image_loading_grey_rgba_formats(tmp_path):
     rgb = smooth_images(1, 3, 12, 12, seed=19)[0]
     folder = str(tmp_path / "formats")
