@@ -136,6 +136,47 @@ def test_as_intro_decoder_loss():
         asv.soft_intro_decoder_loss(*args, s=0.5, beta_rec=1.0, beta_kl=1.0, gamma_r=0.1).item())
 
 
+def test_losses_by_hand_with_a_batch_and_weights_other_than_1():
+    """B > 1 and distinct weights: a sum taken for a batch mean, or a dropped or swapped weight, fails."""
+    # VAE: mean(0.5 * (1, 2, 6) + 2 * (3, 0, 3)) = mean(6.5, 1, 9) = 5.5
+    assert asv.vae_loss(t(1.0, 2.0, 6.0), t(3.0, 0.0, 3.0), beta_rec=0.5, beta_kl=2.0).item() == \
+        pytest.approx(5.5, rel=1e-12)
+    # IntroVAE encoder: 0.5 * 2 + 3 * (3 + 0.4 / 2 * (relu(10 - mean(5, 9)) + relu(10 - mean(1, 3)))) = 16.6
+    loss = asv.intro_encoder_loss(t(1.0, 3.0), t(2.0, 4.0), t(5.0, 9.0), t(1.0, 3.0), margin=10.0,
+                                  beta_rec=0.5, beta_kl=3.0, beta_neg=0.4)
+    assert loss.item() == pytest.approx(16.6, rel=1e-12)
+    # IntroVAE decoder: 0.5 * mean(1, 3) + 3 / 2 * (mean(2, 4) + mean(6, 0)) = 1 + 9
+    loss = asv.intro_decoder_loss(t(1.0, 3.0), t(2.0, 4.0), t(6.0, 0.0), beta_rec=0.5, beta_kl=3.0)
+    assert loss.item() == pytest.approx(10.0, rel=1e-12)
+    # Soft / AS encoder, s = 0.5, beta_rec 2, beta_kl 0.5, beta_neg 3: the real part is
+    # 0.5 * (2 * mean(1, 3) + 0.5 * mean(2, 4)) = 2.75; exponents -2 s (2 SSE_q + 3 KL_q)
+    real = (t(1.0, 3.0), t(2.0, 4.0))
+    r, f = (t(0.5, 1.0), t(0.0, 1.0 / 3.0)), (t(0.0, 0.25), t(1.0 / 3.0, 0.0))
+    weights = dict(s=0.5, beta_rec=2.0, beta_kl=0.5, beta_neg=3.0)
+    loss = asv.as_intro_encoder_loss(*real, *r, *f, as_dist=t(0.0)[0], c=1.0, **weights)
+    assert loss.item() == pytest.approx(2.75 + 0.25 * ((E(-1) + E(-3)) / 2 + (E(-1) + E(-0.5)) / 2),
+                                        rel=1e-12)
+    # alpha = 4 doubles every exponent and halves the 1 / (2 alpha) in front
+    loss = asv.as_intro_encoder_loss(*real, *r, *f, as_dist=t(0.0)[0], c=1.0, alpha=4.0, **weights)
+    assert loss.item() == pytest.approx(2.75 + 0.125 * ((E(-2) + E(-6)) / 2 + (E(-2) + E(-1)) / 2),
+                                        rel=1e-12)
+    # c = 0.5, AS = 1: KL_q -> 0.5 KL_q + 0.5; r exponents -(1 + 1.5), -(2 + 2); f: -(0 + 2), -(0.5 + 1.5)
+    loss = asv.as_intro_encoder_loss(*real, *r, *f, as_dist=t(1.0)[0], c=0.5, **weights)
+    assert loss.item() == pytest.approx(2.75 + 0.25 * ((E(-2.5) + E(-4)) / 2 + E(-2)), rel=1e-12)
+    # decoder, s = 0.25, beta_rec 2, beta_kl 0.5, gamma_r 0.1, KL_r (2, 4), KL_f (0, 2):
+    # s [2 mean(1, 3) + 0.5 / 2 (mean KL_r + mean KL_f) + 0.1 * 2 / 2 (mean(4, 8) + mean(2, 6))] = s (4 + 1 + 1)
+    args = (t(1.0, 3.0), t(2.0, 4.0), t(0.0, 2.0), t(4.0, 8.0), t(2.0, 6.0))
+    weights = dict(s=0.25, beta_rec=2.0, beta_kl=0.5, gamma_r=0.1)
+    assert asv.as_intro_decoder_loss(*args, as_dist=t(0.0)[0], c=1.0, **weights).item() == \
+        pytest.approx(1.5, rel=1e-12)
+    # c = 0.5, AS = 4, paper: 0.25 (0.5 (3 + 1) + 2 * 0.5 * 4) = 1.5 -> s (4 + 1.5 + 1) = 1.625
+    assert asv.as_intro_decoder_loss(*args, as_dist=t(4.0)[0], c=0.5, **weights).item() == \
+        pytest.approx(1.625, rel=1e-12)
+    # official, AS once: 0.25 (2 + 0.5 * 4) = 1 -> s (4 + 1 + 1) = 1.5
+    assert asv.as_intro_decoder_loss(*args, as_dist=t(4.0)[0], c=0.5, variant="official",
+                                     **weights).item() == pytest.approx(1.5, rel=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------
 # networks
 # ---------------------------------------------------------------------------------------------------
