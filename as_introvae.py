@@ -607,135 +607,342 @@ def reparameterize(mu, logvar):
 
 # ---------------------------------------------------------------------------------------------------
 # losses: pure functions of tensors. Per-sample values are (B,); "mean" is over the batch.
+# The functions from kl_divergence to as_intro_decoder_loss are word for word those of toy2d.py.
 # ---------------------------------------------------------------------------------------------------
 def sse(x, y):
-    """Per-sample sum of squared errors over all pixels: SSE_i = sum_p (x_ip - y_ip)^2 (the -log p(x|z) of
-    Eq. 1 up to constants; a SUM, not a mean, trap 1). (B, ...) x 2 -> (B,)."""
+    """Per-sample sum of squared errors over all pixels: SSE_i = sum_p (x_ip - y_ip)^2, the
+    -log p(x|z) of Eq. 1 up to constants (a SUM over pixels, not a mean, as the released code).
+    (B, ...) x 2 -> (B,)."""
     return (x - y).pow(2).flatten(1).sum(dim=1)
 
 
 def kl_divergence(mu, logvar):
-    """Eq. 2 for q = N(mu, exp(logvar)), p = N(0, I): KL_i = -1/2 sum_d (1 + logvar - exp(logvar) - mu^2).
-    (B, D) x 2 -> (B,)."""
-    return -0.5 * (1 + logvar - logvar.exp() - mu.pow(2)).sum(dim=1)
+    """Eq. 2 for q = N(mu, exp(logvar)) and p = N(0, I) (Kingma & Welling, Appendix B):
+    KL_i = -1/2 sum_d (1 + logvar_id - exp(logvar_id) - mu_id^2).  (..., B, D) -> (..., B)."""
+    return -0.5 * (1 + logvar - torch.exp(logvar) - mu**2).sum(-1)
 
 
 def as_distance(mu_a, logvar_a, mu_b, logvar_b, reduction="paper"):
-    """AS-Distance between two batches of diagonal Gaussians, Eq. 7 with the kernel of Eq. 8.
+    """AS-Distance between two batches of diagonal Gaussians, Eq. 7 with the kernel of Eq. 8:
+    k_d(a_i, b_j) = exp(-(mu_a,id - mu_b,jd)^2 / (2 V)) / sqrt(2 pi V),  V = v_a,id + v_b,jd,
+    v = exp(logvar), the integral of the product of the two 1-D normal densities; over all B*B pairs
+    AS = sum_d [mean_ij k_d(a_i, a_j) + mean_ij k_d(b_i, b_j) - 2 mean_ij k_d(a_i, b_j)]
+       = sum_d integral (p_a,d(u) - p_b,d(u))^2 du  (p_.,d: the batch mixture's marginal in d),
+    so AS >= 0 and AS(a, a) = 0: one value per batch, the paper's per-batch alignment.
+    reduction "official_sum" / "official_mean": the released code's kernel without 1/sqrt(2 pi),
+    SUMMED (its encoder step) / AVERAGED (its decoder step) over all B*B*D terms.
+    mu_a, logvar_a: (..., B, D); mu_b, logvar_b: (..., B', D) -> (...,)."""
+    if reduction not in ("paper", "official_sum", "official_mean"):
+        raise ValueError(
+            f"reduction must be paper, official_sum or official_mean, got {reduction!r}"
+        )
 
-    k_d(a_i, b_j) = exp(-(mu_a[i,d] - mu_b[j,d])^2 / (2 (v_a[i,d] + v_b[j,d]))) / sqrt(2 pi (v_a[i,d] + v_b[j,d])),
-    v = exp(logvar): the integral of the product of the two 1-D normal densities. With all B*B pairs (i = j too):
-        AS = sum_d [ mean_ij k_d(a_i, a_j) + mean_ij k_d(b_i, b_j) - 2 mean_ij k_d(a_i, b_j) ]
-           = sum_d integral (p_a,d(u) - p_b,d(u))^2 du,   p_.,d = the batch mixture's marginal in dimension d,
-    so AS >= 0 and AS(a, a) = 0. One scalar for the whole batch (the paper's "per-batch" alignment).
-    reduction: "paper" (above) | "official_sum" | "official_mean": the released code's kernel without the
-    1/sqrt(2 pi) and the SUM / MEAN over all B*B*D terms (its encoder / decoder step).
-    mu_a, logvar_a: (B, D); mu_b, logvar_b: (B', D). Returns a 0-d tensor.
-    """
-    def kernel(mu_1, var_1, mu_2, var_2):  # (B1, D), (B2, D) -> (B1, B2, D)
-        var = var_1[:, None, :] + var_2[None, :, :]
-        norm = 2 * math.pi * var if reduction == "paper" else var
-        return torch.exp(-(mu_1[:, None, :] - mu_2[None, :, :]).pow(2) / (2 * var)) / torch.sqrt(norm)
+    def kernel_reduced(mu_1, var_1, mu_2, var_2):
+        var = var_1.unsqueeze(-2) + var_2.unsqueeze(-3)  # (..., B1, B2, D)
+        k = torch.exp(-((mu_1.unsqueeze(-2) - mu_2.unsqueeze(-3)) ** 2) / (2 * var))
+        if reduction == "paper":
+            return (k / torch.sqrt(2 * math.pi * var)).mean((-3, -2)).sum(-1)
+        # OFFICIAL: no 1/sqrt(2 pi); the encoder step sums, the decoder step averages all terms.
+        k = k / torch.sqrt(var)
+        return k.sum((-3, -2, -1)) if reduction == "official_sum" else k.mean((-3, -2, -1))
 
-    if reduction == "paper":
-        def reduce(k):
-            return k.mean(dim=(0, 1)).sum()
-    elif reduction == "official_sum":
-        # DEVIATION (official 3, 4): no 1/sqrt(2 pi); the encoder step SUMS all B*B*D terms
-        reduce = torch.sum
-    elif reduction == "official_mean":
-        # DEVIATION (official 3, 4): no 1/sqrt(2 pi); the decoder step AVERAGES all B*B*D terms
-        reduce = torch.mean
-    else:
-        raise ValueError(f"reduction must be paper, official_sum or official_mean, got {reduction!r}")
-    var_a, var_b = logvar_a.exp(), logvar_b.exp()
-    return (reduce(kernel(mu_a, var_a, mu_a, var_a)) + reduce(kernel(mu_b, var_b, mu_b, var_b))
-            - 2 * reduce(kernel(mu_a, var_a, mu_b, var_b)))
+    var_a, var_b = torch.exp(logvar_a), torch.exp(logvar_b)
+    return (
+        kernel_reduced(mu_a, var_a, mu_a, var_a)
+        + kernel_reduced(mu_b, var_b, mu_b, var_b)
+        - 2 * kernel_reduced(mu_a, var_a, mu_b, var_b)
+    )
 
 
 def annealing_coefficient(t, total, schedule="linear"):
-    """Eq. 9: c = min(5 t / T, 1); t = iteration from 0, T = iterations of the whole run. c weighs the KL and
-    (1 - c) the AS-Distance, so training starts all AS and is plain Soft-IntroVAE from t = T / 5 on.
-    schedule "tanh": c = tanh(5 t / T), what the released code computes."""
+    """Eq. 9's c: "linear" c = min(5 t / T, 1), t = iteration from 0, T = iterations of the run, so
+    training starts all AS-Distance and is plain Soft-IntroVAE from t = T/5 on;
+    "tanh" c = tanh(5 t / T), the released code's schedule (0.76 at T/5, never exactly 1)."""
     if schedule == "linear":
         return min(5.0 * t / total, 1.0)
-    # DEVIATION (official 1): tanh(5t/T) reaches 0.76 at T/5 and never exactly 1
-    return math.tanh(5.0 * t / total)
+    if schedule == "tanh":
+        # OFFICIAL: the released code anneals with tanh(5 t / T).
+        return math.tanh(5.0 * t / total)
+    raise ValueError(f"schedule must be linear or tanh, got {schedule!r}")
 
 
-def vae_loss(rec_err, kl, beta_rec, beta_kl):
-    """The negative beta-ELBO of Eq. 1: L = mean_i (beta_rec * SSE_i + beta_kl * KL_i), without s.
-    Also the warm-up loss of the introspective methods."""
-    return (beta_rec * rec_err + beta_kl * kl).mean()
+def vae_loss(rec_err, kl, *, beta_rec, beta_kl):
+    """The negative beta-ELBO of Eq. 1 without s (also the introspective methods' warm-up loss):
+    L = mean_i (beta_rec SSE_i + beta_kl KL_i).  (..., B) -> (...,)."""
+    return (beta_rec * rec_err + beta_kl * kl).mean(-1)
 
 
-def intro_encoder_loss(rec_err, kl_real, kl_rec, kl_fake, margin, beta_rec, beta_kl, beta_neg):
-    """IntroVAE encoder, Eq. 3 (Huang et al.'s original weighting, not the AS repo's copy; trap 13):
-    L_E = beta_rec mean SSE(x, rec) + beta_kl [ mean KL_real
-          + beta_neg / 2 (relu(m - mean KL_rec) + relu(m - mean KL_fake)) ]; the hinges act on batch means."""
-    hinges = F.relu(margin - kl_rec.mean()) + F.relu(margin - kl_fake.mean())
-    return beta_rec * rec_err.mean() + beta_kl * (kl_real.mean() + 0.5 * beta_neg * hinges)
+def intro_encoder_loss(rec_err, kl_real, kl_rec, kl_fake, *, margin, beta_rec, beta_kl, beta_neg):
+    """IntroVAE's encoder loss, Eq. 3 with Huang et al.'s weighting; the hinges act on batch means:
+    L_E = beta_rec mean SSE(x, rec)
+          + beta_kl [mean KL_real + beta_neg/2 (relu(m - mean KL_rec) + relu(m - mean KL_fake))].
+    (..., B) -> (...,)."""
+    hinge_rec = torch.relu(margin - kl_rec.mean(-1, keepdim=True))  # (..., 1)
+    hinge_fake = torch.relu(margin - kl_fake.mean(-1, keepdim=True))
+    per_sample = beta_rec * rec_err + beta_kl * (
+        kl_real + 0.5 * beta_neg * (hinge_rec + hinge_fake)
+    )
+    return per_sample.mean(-1)
 
 
-def intro_decoder_loss(rec_err, kl_rec, kl_fake, beta_rec, beta_kl):
-    """IntroVAE decoder, Eq. 3: L_D = beta_rec mean SSE(x, rec) + beta_kl / 2 (mean KL_rec + mean KL_fake),
-    the KLs from the encoder as updated this iteration."""
-    return beta_rec * rec_err.mean() + 0.5 * beta_kl * (kl_rec.mean() + kl_fake.mean())
+def intro_decoder_loss(rec_err, kl_rec, kl_fake, *, beta_rec, beta_kl):
+    """IntroVAE's decoder loss, Eq. 3, the KLs from the encoder as updated this iteration:
+    L_D = beta_rec mean SSE(x, rec) + beta_kl/2 (mean KL_rec + mean KL_fake).
+    (..., B) -> (...,)."""
+    return (beta_rec * rec_err + 0.5 * beta_kl * (kl_rec + kl_fake)).mean(-1)
 
 
-def exp_elbo(rec_err, kl, s, beta_rec, beta_neg, alpha=2.0):
-    """exp(alpha * ELBO) of Eq. 4, per sample, with the scaled beta-ELBO written as a loss:
-    exp(-alpha s (beta_rec SSE_i + beta_neg KL_i)). (B,) x 2 -> (B,)."""
-    return torch.exp(-alpha * s * (beta_rec * rec_err + beta_neg * kl))
-
-
-def soft_intro_encoder_loss(rec_err, kl_real, rec_err_r, kl_r, rec_err_f, kl_f, s, beta_rec, beta_kl, beta_neg,
-                            alpha=2.0):
-    """Soft-IntroVAE encoder, Eq. 4 (Soft-IntroVAE paper Eq. 4, Algorithm 1 lines 11-14), r = reconstructions,
-    f = generated samples:
+def as_intro_encoder_loss(
+    rec_err,
+    kl_real,
+    rec_err_r,
+    kl_r,
+    rec_err_f,
+    kl_f,
+    as_dist,
+    *,
+    c,
+    s,
+    beta_rec,
+    beta_kl,
+    beta_neg,
+    alpha=2.0,
+):
+    """AS-IntroVAE's encoder loss, Eq. 9; with c = 1 it is Soft-IntroVAE's (Eq. 4):
     L_E = s (beta_rec mean SSE(x, rec) + beta_kl mean KL_real)
-          + 1/alpha * 1/2 [ mean exp(-alpha s (beta_rec SSE_r + beta_neg KL_r)) + mean exp(... f ...) ]
-    (1/(2 alpha) = 0.25 at alpha = 2: the exp-terms averaged over the two kinds of sample)."""
-    exp_r = exp_elbo(rec_err_r, kl_r, s, beta_rec, beta_neg, alpha).mean()
-    exp_f = exp_elbo(rec_err_f, kl_f, s, beta_rec, beta_neg, alpha).mean()
-    return s * (beta_rec * rec_err.mean() + beta_kl * kl_real.mean()) + 0.5 / alpha * (exp_r + exp_f)
+          + 1/(2 alpha) sum_{q=r,f} mean_i exp(-alpha s ELBO_qi),
+    ELBO_qi = beta_rec SSE_qi + beta_neg (c KL_qi + (1 - c) AS)
+    q = r: SSE(rec, Dec(z_r)) and KL(E(rec)); q = f: the same for the generated samples; AS is one
+    value per batch. Per-sample inputs (..., B); as_dist broadcasts against them.
+    Returns (L_E, mean exp-term of r, mean exp-term of f), each (...,)."""
+    exp_r = torch.exp(
+        -alpha * s * (beta_rec * rec_err_r + beta_neg * (c * kl_r + (1 - c) * as_dist))
+    )
+    exp_f = torch.exp(
+        -alpha * s * (beta_rec * rec_err_f + beta_neg * (c * kl_f + (1 - c) * as_dist))
+    )
+    per_sample = s * (beta_rec * rec_err + beta_kl * kl_real) + (0.5 / alpha) * (exp_r + exp_f)
+    return per_sample.mean(-1), exp_r.mean(-1), exp_f.mean(-1)
 
 
-def soft_intro_decoder_loss(rec_err, kl_r, kl_f, rec_err_rr, rec_err_rf, s, beta_rec, beta_kl, gamma_r):
-    """Soft-IntroVAE decoder, Eq. 4 (Soft-IntroVAE Algorithm 1 lines 21-23):
-    L_D = s [ beta_rec mean SSE(x, rec) + beta_kl / 2 (mean KL_r + mean KL_f)
-              + gamma_r beta_rec / 2 (mean SSE(rec, rr) + mean SSE(fake, rf)) ]."""
-    return s * (beta_rec * rec_err.mean() + 0.5 * beta_kl * (kl_r.mean() + kl_f.mean())
-                + 0.5 * gamma_r * beta_rec * (rec_err_rr.mean() + rec_err_rf.mean()))
-
-
-def as_intro_encoder_loss(rec_err, kl_real, rec_err_r, kl_r, rec_err_f, kl_f, as_dist, c, s, beta_rec, beta_kl,
-                          beta_neg, alpha=2.0):
-    """AS-IntroVAE encoder, Eq. 9: Soft-IntroVAE's encoder loss with KL_s replaced by c KL_s + (1 - c) AS inside
-    each exponent (s in r, f); the real data's ELBO is not annealed:
-    L_E = s (beta_rec mean SSE(x, rec) + beta_kl mean KL_real)
-          + 1/(2 alpha) sum_{s=r,f} mean exp(-alpha s (beta_rec SSE_s + beta_neg (c KL_s + (1 - c) AS)))."""
-    return soft_intro_encoder_loss(rec_err, kl_real, rec_err_r, c * kl_r + (1 - c) * as_dist,
-                                   rec_err_f, c * kl_f + (1 - c) * as_dist, s, beta_rec, beta_kl, beta_neg, alpha)
-
-
-def as_intro_decoder_loss(rec_err, kl_r, kl_f, rec_err_rr, rec_err_rf, as_dist, c, s, beta_rec, beta_kl, gamma_r,
-                          variant="paper"):
-    """AS-IntroVAE decoder, Eq. 9: Soft-IntroVAE's decoder loss with each KL_s replaced by c KL_s + (1 - c) AS:
-    L_D = s [ beta_rec mean SSE(x, rec) + beta_kl / 2 (c (mean KL_r + mean KL_f) + 2 (1 - c) AS)
-              + gamma_r beta_rec / 2 (mean SSE(rec, rr) + mean SSE(fake, rf)) ]
-    variant "official": AS counted once, beta_kl / 2 (c (KL_r + KL_f) + (1 - c) AS), as the released code."""
-    as_term = (1 - c) * as_dist
+def as_intro_decoder_loss(
+    rec_err,
+    kl_r,
+    kl_f,
+    rec_err_rr,
+    rec_err_rf,
+    as_dist,
+    *,
+    c,
+    s,
+    beta_rec,
+    beta_kl,
+    gamma_r,
+    variant="paper",
+):
+    """AS-IntroVAE's decoder loss, Eq. 9 (each KL_q replaced by c KL_q + (1-c) AS, q = r, g);
+    with c = 1 it is Soft-IntroVAE's (Eq. 4):
+    L_D = s [beta_rec mean SSE(x, rec) + beta_kl/2 (c (mean KL_r + mean KL_f) + 2 (1-c) AS)
+             + gamma_r beta_rec/2 (mean SSE(rec, rr) + mean SSE(fake, rf))]
+    variant "official": AS once, beta_kl/2 (c (KL_r + KL_f) + (1-c) AS).  (..., B) -> (...,)."""
+    # Eq. 9 sums c KL_q + (1 - c) D over q = r, g: the AS-Distance enters once per kind of sample.
+    as_count = 2.0
     if variant == "official":
-        # DEVIATION: Eq. 9 sums (1 - c) D over s = r, g (AS twice, as the encoder has it once per exp-term);
-        # the released code, and algorithm.md's formula, add it once. The paper variant follows Eq. 9.
-        as_term = 0.5 * as_term
-    return soft_intro_decoder_loss(rec_err, c * kl_r + as_term, c * kl_f + as_term, rec_err_rr, rec_err_rf,
-                                   s, beta_rec, beta_kl, gamma_r)
+        # OFFICIAL: the released code adds (1 - c) AS once.
+        as_count = 1.0
+    per_sample = s * (
+        beta_rec * rec_err
+        + 0.5 * beta_kl * (c * (kl_r + kl_f) + as_count * (1 - c) * as_dist)
+        + 0.5 * gamma_r * beta_rec * (rec_err_rr + rec_err_rf)
+    )
+    return per_sample.mean(-1)
 
 
-# AVAE-S (Naderi, Haji Soleimani, Matwin; ../shared/papers/avae-s.md). Reconstruction terms are PER SAMPLE (B,),
-# summed over pixels / maps like sse(); the total correlation is a property of the batch (a scalar).
+# ---------------------------------------------------------------------------------------------------
+# training steps. Each takes the networks, their optimiser(s), the batch x (B, C, H, W) in [0, 1],
+# the noise it shares between its two halves, its weights and amp (a bf16 autocast context or a
+# no-op), and returns a dict of detached 0-d tensors (no host sync). train_step picks one per phase.
+# ---------------------------------------------------------------------------------------------------
+def optimizer_step(loss, *optimizers):
+    """Gradients of loss for every parameter that requires them, then one step of each optimiser."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+
+
+def set_requires_grad(module, flag):
+    for parameter in module.parameters():
+        parameter.requires_grad_(flag)
+
+
+def detached(stats):
+    return {name: value.detach() for name, value in stats.items()}
+
+
+def vae_objective(encoder, decoder, x, *, beta_rec, beta_kl, amp):
+    """The negative beta-ELBO of x (Eq. 1, no s) -> (loss, rec (B, C, H, W), logged values)."""
+    with amp():
+        mu, logvar = encoder(x)  # (B, z)
+        rec = decoder(reparameterize(mu, logvar))  # (B, C, H, W)
+    rec_err, kl_real = sse(x, rec), kl_divergence(mu, logvar)  # (B,)
+    loss = vae_loss(rec_err, kl_real, beta_rec=beta_rec, beta_kl=beta_kl)
+    return loss, rec, {"rec": rec_err.mean(), "kl_real": kl_real.mean()}
+
+
+def vae_step(encoder, decoder, opt_encoder, opt_decoder, x, *, beta_rec, beta_kl, amp):
+    """Plain VAE: the `vae` model, avae's pre-training and the introspective methods' warm-up
+    (num_vae epochs). One step of both networks on the negative beta-ELBO."""
+    set_requires_grad(encoder, True)
+    set_requires_grad(decoder, True)
+    loss, _, stats = vae_objective(encoder, decoder, x, beta_rec=beta_rec, beta_kl=beta_kl, amp=amp)
+    optimizer_step(loss, opt_encoder, opt_decoder)
+    return detached({"loss": loss, **stats})
+
+
+def intro_encoder_step(encoder, decoder, opt_encoder, x, eps, *, margin, beta_rec, beta_kl, beta_neg,
+                       amp):
+    """IntroVAE's encoder update (decoder frozen), eps (B, z) the prior draw. -> (z, logged values);
+    z (B, z) is reused by the decoder step."""
+    set_requires_grad(encoder, True)
+    set_requires_grad(decoder, False)
+    with amp():
+        fake = decoder(eps)
+        mu, logvar = encoder(x)
+        z = reparameterize(mu, logvar)
+        rec = decoder(z)
+        mu_r, logvar_r = encoder(rec.detach())
+        mu_f, logvar_f = encoder(fake.detach())
+    rec_err, kl_real = sse(x, rec), kl_divergence(mu, logvar)
+    kl_r, kl_f = kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f)
+    loss = intro_encoder_loss(rec_err, kl_real, kl_r, kl_f, margin=margin, beta_rec=beta_rec,
+                              beta_kl=beta_kl, beta_neg=beta_neg)
+    optimizer_step(loss, opt_encoder)
+    return z, detached({"loss_e": loss, "rec": rec_err.mean(), "kl_real": kl_real.mean(),
+                        "kl_rec": kl_r.mean(), "kl_fake": kl_f.mean(),
+                        "kl_diff": kl_f.mean() - kl_real.mean()})
+
+
+def intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps, *, beta_rec, beta_kl, amp):
+    """IntroVAE's decoder update (encoder frozen, as just updated) on the encoder step's z and eps."""
+    set_requires_grad(encoder, False)
+    set_requires_grad(decoder, True)
+    with amp():
+        fake = decoder(eps)
+        rec = decoder(z.detach())
+        mu_r, logvar_r = encoder(rec)
+        mu_f, logvar_f = encoder(fake)
+    loss = intro_decoder_loss(sse(x, rec), kl_divergence(mu_r, logvar_r),
+                              kl_divergence(mu_f, logvar_f), beta_rec=beta_rec, beta_kl=beta_kl)
+    optimizer_step(loss, opt_decoder)
+    return {"loss_d": loss.detach()}
+
+
+def introvae_step(encoder, decoder, opt_encoder, opt_decoder, x, eps, *, margin, beta_rec, beta_kl,
+                  beta_neg, amp):
+    """One IntroVAE iteration: the encoder step, then the decoder step on the same z and eps."""
+    z, stats = intro_encoder_step(encoder, decoder, opt_encoder, x, eps, margin=margin,
+                                  beta_rec=beta_rec, beta_kl=beta_kl, beta_neg=beta_neg, amp=amp)
+    return {**stats, **intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps,
+                                          beta_rec=beta_rec, beta_kl=beta_kl, amp=amp)}
+
+
+def soft_intro_encoder_step(encoder, decoder, opt_encoder, x, eps, *, c, s, beta_rec, beta_kl,
+                            beta_neg, variant, amp):
+    """The encoder update of AS-IntroVAE (variant "paper" | "official") or, variant None, of
+    Soft-IntroVAE (Eq. 9 at c = 1, no AS-Distance); the decoder is frozen.
+    eps (B, z): the prior draw shared with the decoder step. -> (z (B, z), logged values)."""
+    if variant is None and c != 1.0:
+        raise ValueError(f"Soft-IntroVAE is Eq. 9 at c = 1, got c = {c}")
+    set_requires_grad(encoder, True)
+    set_requires_grad(decoder, False)
+    with amp():
+        fake = decoder(eps)  # (B, C, H, W)
+        mu, logvar = encoder(x)  # (B, z)
+        z = reparameterize(mu, logvar)
+        rec = decoder(z)
+        mu_r, logvar_r = encoder(rec.detach())
+        rec_rec = decoder(reparameterize(mu_r, logvar_r))
+        mu_f, logvar_f = encoder(fake.detach())
+        rec_fake = decoder(reparameterize(mu_f, logvar_f))
+    # The networks return float32, so the losses stay float32 under bf16 autocast.
+    rec_err, kl_real = sse(x, rec), kl_divergence(mu, logvar)  # (B,)
+    # rec is not detached here: the encoder also learns through Dec(z) (Soft-IntroVAE Algorithm 1).
+    rec_err_r, kl_r = sse(rec, rec_rec), kl_divergence(mu_r, logvar_r)
+    rec_err_f, kl_f = sse(fake, rec_fake), kl_divergence(mu_f, logvar_f)
+    stats = {}
+    as_dist = 0.0
+    if variant == "paper":
+        # Between the posteriors of the reconstructions and of the generated samples (Fig. 2);
+        # the real data's posteriors never enter it.
+        as_dist = stats["as_dist"] = as_distance(mu_r, logvar_r, mu_f, logvar_f)
+    elif variant == "official":
+        # OFFICIAL: tanh on mu and logvar before the AS-Distance, whose terms are summed.
+        squashed = (v.tanh() for v in (mu_r, logvar_r, mu_f, logvar_f))
+        as_dist = stats["as_dist"] = as_distance(*squashed, reduction="official_sum")
+    loss, exp_r, exp_f = as_intro_encoder_loss(rec_err, kl_real, rec_err_r, kl_r, rec_err_f, kl_f,
+                                               as_dist, c=c, s=s, beta_rec=beta_rec,
+                                               beta_kl=beta_kl, beta_neg=beta_neg)
+    optimizer_step(loss, opt_encoder)
+    stats.update(loss_e=loss, rec=rec_err.mean(), kl_real=kl_real.mean(), kl_rec=kl_r.mean(),
+                 kl_fake=kl_f.mean(), kl_diff=kl_f.mean() - kl_real.mean(), exp_elbo_rec=exp_r,
+                 exp_elbo_fake=exp_f)
+    return z, detached(stats)
+
+
+def soft_intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps, *, c, s, beta_rec, beta_kl,
+                            gamma_r, variant, amp):
+    """The decoder update of AS-IntroVAE (variant "paper" | "official") or Soft-IntroVAE (variant
+    None, c = 1), the encoder frozen as just updated, on the encoder step's z and eps."""
+    if variant is None and c != 1.0:
+        raise ValueError(f"Soft-IntroVAE is Eq. 9 at c = 1, got c = {c}")
+    set_requires_grad(encoder, False)
+    set_requires_grad(decoder, True)
+    with amp():
+        fake = decoder(eps)  # the SAME eps as the encoder step
+        rec = decoder(z.detach())  # the SAME z, drawn before the encoder's update
+        mu_r, logvar_r = encoder(rec)  # gradients reach the decoder through the frozen encoder
+        z_r = reparameterize(mu_r, logvar_r)
+        mu_f, logvar_f = encoder(fake)
+        z_f = reparameterize(mu_f, logvar_f)
+        rec_rec, rec_fake = decoder(z_r.detach()), decoder(z_f.detach())
+    rec_err = sse(x, rec)
+    rec_err_rr, rec_err_rf = sse(rec.detach(), rec_rec), sse(fake.detach(), rec_fake)
+    if variant == "official":
+        # OFFICIAL: tanh on mu and logvar before the decoder's KLs and the AS-Distance.
+        mu_r, logvar_r, mu_f, logvar_f = (v.tanh() for v in (mu_r, logvar_r, mu_f, logvar_f))
+    kl_r, kl_f = kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f)  # (B,)
+    as_dist = 0.0
+    if variant == "paper":
+        as_dist = as_distance(mu_r, logvar_r, mu_f, logvar_f)
+    elif variant == "official":
+        # OFFICIAL: the decoder step averages the AS-Distance's terms.
+        as_dist = as_distance(mu_r, logvar_r, mu_f, logvar_f, reduction="official_mean")
+    loss = as_intro_decoder_loss(rec_err, kl_r, kl_f, rec_err_rr, rec_err_rf, as_dist, c=c, s=s,
+                                 beta_rec=beta_rec, beta_kl=beta_kl, gamma_r=gamma_r,
+                                 variant=variant or "paper")
+    optimizer_step(loss, opt_decoder)
+    return {"loss_d": loss.detach()}
+
+
+def soft_intro_step(encoder, decoder, opt_encoder, opt_decoder, x, eps, *, c, s, beta_rec, beta_kl,
+                    beta_neg, gamma_r, variant, amp):
+    """One AS-IntroVAE (variant "paper" | "official") or Soft-IntroVAE (variant None, c = 1)
+    iteration: the encoder step, then the decoder step on the same z and eps."""
+    z, stats = soft_intro_encoder_step(encoder, decoder, opt_encoder, x, eps, c=c, s=s,
+                                       beta_rec=beta_rec, beta_kl=beta_kl, beta_neg=beta_neg,
+                                       variant=variant, amp=amp)
+    return {**stats, **soft_intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps, c=c, s=s,
+                                               beta_rec=beta_rec, beta_kl=beta_kl, gamma_r=gamma_r,
+                                               variant=variant, amp=amp)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# AVAE-S (Naderi, Haji Soleimani, Matwin, "Adversarial Sharpened VAE"): VAE-S, AVAE, AVAE-S.
+# Reconstruction terms are PER SAMPLE (B,), summed over pixels / maps like sse(); the total
+# correlation is a property of the batch (a scalar).
+# ---------------------------------------------------------------------------------------------------
 REC_TERMS = ("mae", "mse", "1-ssim", "sobel", "gabor")  # the five terms of AVAE-S Eq. 5, in the paper's order
 
 
@@ -934,13 +1141,6 @@ def adversarial_gates(accuracy, disc_train_below=0.7, adv_use_above=0.5):
     return accuracy < disc_train_below, accuracy > adv_use_above
 
 
-# ---------------------------------------------------------------------------------------------------
-# training steps: step(nets, opts, x, cfg, c, s, amp) -> dict of detached 0-d tensors (no GPU sync)
-# ---------------------------------------------------------------------------------------------------
-def set_requires_grad(module, flag):
-    for parameter in module.parameters():
-        parameter.requires_grad_(flag)
-
 
 def new_vae_s_state(dataset_size, probe_batches, device):
     """What the VAE-S loss carries through a run: the Gabor bank (float32 on the device), N for Eq. 10, and the
@@ -969,232 +1169,116 @@ def probe_rec_weights(vae_s_state, terms):
     return {name: float(name == "mse") for name in REC_TERMS}
 
 
-def vae_objective(nets, x, cfg, amp, vae_s_state=None):
-    """x through the VAE -> (L_VAE, rec, logged values): the negative beta-ELBO (vae_loss, Eq. 1) or, given
-    vae_s_state, AVAE-S Eq. 11's L_VAE (vae_s_loss: Eq. 5's L_REC + Eq. 4's KL + Eq. 10's TC)."""
+def vae_s_objective(encoder, decoder, x, vae_s_state, *, beta_rec, beta_kl, beta_tc, tc_estimator,
+                    amp):
+    """AVAE-S Eq. 11's L_VAE of x (vae_s_loss: Eq. 5's L_REC with the probed lambdas, Eq. 4's KL,
+    Eq. 10's TC) -> (loss, rec (B, C, H, W), logged values)."""
     with amp():
-        mu, logvar = nets["encoder"](x)  # (B, z)
+        mu, logvar = encoder(x)  # (B, z)
         z = reparameterize(mu, logvar)
-        rec = nets["decoder"](z)  # (B, C, H, W)
-    # ALGO LOGIC: float32 from here on
+        rec = decoder(z)  # (B, C, H, W)
     kl_real = kl_divergence(mu, logvar)  # (B,)
-    if vae_s_state is None:
-        rec_err = sse(x, rec)
-        return vae_loss(rec_err, kl_real, cfg.beta_rec, cfg.beta_kl), rec, {"rec": rec_err.mean(),
-                                                                              "kl_real": kl_real.mean()}
     terms = reconstruction_terms(x, rec, vae_s_state["kernels"])  # 5 x (B,)
     rec_loss = loss_rec(terms, probe_rec_weights(vae_s_state, terms))  # (B,)
-    tc = total_correlation(z, mu, logvar, vae_s_state["dataset_size"], cfg.tc_estimator)
-    loss = vae_s_loss(rec_loss, kl_real, tc, cfg.beta_rec, cfg.beta_kl, cfg.beta_tc)
+    tc = total_correlation(z, mu, logvar, vae_s_state["dataset_size"], tc_estimator)
+    loss = vae_s_loss(rec_loss, kl_real, tc, beta_rec, beta_kl, beta_tc)
     return loss, rec, {"rec": rec_loss.mean(), "kl_real": kl_real.mean(), "tc": tc,
                        **{f"term_{name}": term.mean() for name, term in terms.items()}}
 
 
-def vae_step(nets, opts, x, cfg, c, s, amp, vae_s_state=None):
-    """Plain VAE (vae, avae's pre-training, the introspective methods' warm-up) or, given vae_s_state, VAE-S
-    (vae-s, avae-s's pre-training: AVAE-S Algorithm 1's first loop): one step of both networks."""
-    set_requires_grad(nets["encoder"], True)
-    set_requires_grad(nets["decoder"], True)
-    loss, _, stats = vae_objective(nets, x, cfg, amp, vae_s_state)
-    opts["encoder"].zero_grad(set_to_none=True)
-    opts["decoder"].zero_grad(set_to_none=True)
-    loss.backward()
-    opts["encoder"].step()
-    opts["decoder"].step()
-    return {"loss": loss.detach(), **{k: v.detach() for k, v in stats.items()}}
+def vae_s_step(encoder, decoder, opt_encoder, opt_decoder, x, vae_s_state, *, beta_rec, beta_kl,
+               beta_tc, tc_estimator, amp):
+    """VAE-S (vae-s, and avae-s's pre-training: AVAE-S Algorithm 1's first loop): one step of both
+    networks on AVAE-S Eq. 11's L_VAE."""
+    set_requires_grad(encoder, True)
+    set_requires_grad(decoder, True)
+    loss, _, stats = vae_s_objective(encoder, decoder, x, vae_s_state, beta_rec=beta_rec,
+                                     beta_kl=beta_kl, beta_tc=beta_tc, tc_estimator=tc_estimator,
+                                     amp=amp)
+    optimizer_step(loss, opt_encoder, opt_decoder)
+    return detached({"loss": loss, **stats})
 
 
-def adversarial_step(nets, opts, x, cfg, c, s, amp, vae_s_state=None):
-    """AVAE (vae_s_state None) / AVAE-S fine-tuning, AVAE-S Algorithm 1's second loop: the discriminator's
-    accuracy on (x, rec) gates its own step (< disc_train_below) and the VAE's adversarial term (> adv_use_above)."""
-    disc = nets["disc"]
-    set_requires_grad(nets["encoder"], True)
-    set_requires_grad(nets["decoder"], True)
+def adversarial_step(encoder, decoder, disc, opt_encoder, opt_decoder, opt_disc, x, objective, *,
+                     beta_adv, adv_loss, disc_train_below, adv_use_above, amp):
+    """AVAE / AVAE-S fine-tuning, AVAE-S Algorithm 1's second loop. objective(encoder, decoder, x)
+    -> (L_VAE, rec, logged values): vae_objective (avae) or vae_s_objective (avae-s). The
+    discriminator's accuracy on (x, rec) gates its own step (< disc_train_below) and the VAE's
+    adversarial term (> adv_use_above)."""
+    set_requires_grad(encoder, True)
+    set_requires_grad(decoder, True)
     set_requires_grad(disc, True)
-    loss, rec, stats = vae_objective(nets, x, cfg, amp, vae_s_state)
+    loss, rec, stats = objective(encoder, decoder, x)
     batch = x.shape[0]
     with amp():
-        logits = disc(torch.cat([x, rec.detach()]))  # (2B,): one forward, so BatchNorm sees both classes
+        logits = disc(torch.cat([x, rec.detach()]))  # (2B,): one forward, BatchNorm sees both classes
     logits_real, logits_rec = logits[:batch], logits[batch:]
-    # ALGO LOGIC
-    accuracy = discriminator_accuracy(logits_real, logits_rec)  # one host sync per step: the gates need it
-    train_disc, use_adv = adversarial_gates(accuracy, cfg.disc_train_below, cfg.adv_use_above)
+    accuracy = discriminator_accuracy(logits_real, logits_rec)  # a host sync: the gates need it
+    train_disc, use_adv = adversarial_gates(accuracy, disc_train_below, adv_use_above)
     dis_loss = loss_dis(logits_real, logits_rec).mean()
-    adv_term = loss_adv(logits_rec.detach(), cfg.adv_loss).mean()  # logged: the term at the gate check
+    adv_term = loss_adv(logits_rec.detach(), adv_loss).mean()  # logged: the term at the gate check
     if train_disc:
-        opts["disc"].zero_grad(set_to_none=True)
-        dis_loss.backward()
-        opts["disc"].step()
+        optimizer_step(dis_loss, opt_disc)
     if use_adv:
         set_requires_grad(disc, False)
         with amp():
-            logits_rec_vae = disc(torch.cat([x, rec]))[batch:]  # the discriminator after its step, as in Alg. 1
-        loss = loss + cfg.beta_adv * loss_adv(logits_rec_vae, cfg.adv_loss).mean()
-    # DEVIATION: Algorithm 1 skips the VAE update entirely while accuracy <= 0.5; the issue (and this code) keeps
-    # updating the VAE on L_VAE alone then, so the reconstruction never stalls while the discriminator catches up.
-    opts["encoder"].zero_grad(set_to_none=True)
-    opts["decoder"].zero_grad(set_to_none=True)
-    loss.backward()
-    opts["encoder"].step()
-    opts["decoder"].step()
+            logits_rec_vae = disc(torch.cat([x, rec]))[batch:]  # the discriminator after its step
+        loss = loss + beta_adv * loss_adv(logits_rec_vae, adv_loss).mean()
+    # DEVIATION: Algorithm 1 skips the VAE update while accuracy <= 0.5; here the VAE keeps training
+    # on L_VAE alone then, so the reconstruction never stalls while the discriminator catches up.
+    optimizer_step(loss, opt_encoder, opt_decoder)
     set_requires_grad(disc, True)
     gates = {"disc_acc": accuracy, "train_disc": float(train_disc), "use_adv": float(use_adv)}
-    return {"loss": loss.detach(), **{k: v.detach() for k, v in stats.items()}, "loss_dis": dis_loss.detach(),
-            "loss_adv": adv_term, **{k: torch.tensor(v) for k, v in gates.items()}}
+    return {**detached({"loss": loss, **stats, "loss_dis": dis_loss}), "loss_adv": adv_term,
+            **{name: torch.tensor(value) for name, value in gates.items()}}
 
 
-def intro_encoder_step(nets, opt, x, eps, cfg, amp):
-    """IntroVAE encoder update (decoder frozen). Returns z (reused by the decoder step) and the logged values."""
+# ---------------------------------------------------------------------------------------------------
+# one training iteration: the phase's method and its weights from the config
+# ---------------------------------------------------------------------------------------------------
+def step_method(cfg, epoch):
+    """The method whose step trains this epoch: the plain VAE during the introspective warm-up
+    (num_vae epochs) and avae's pre-training, VAE-S during avae-s's, else cfg.model."""
+    if epoch < cfg.num_vae or (cfg.model == "avae" and epoch < cfg.pretrain_epochs):
+        return "vae"
+    if cfg.model == "avae-s" and epoch < cfg.pretrain_epochs:
+        return "vae-s"
+    return cfg.model
+
+
+def train_step(method, nets, opts, x, cfg, c, s, amp, vae_s_state=None):
+    """One iteration of `method` (step_method's name) on the batch x: the one place that turns the
+    config into the steps' arguments. c: Eq. 9's annealing coefficient of this iteration (used by
+    asintrovae only); s = 1 / (C H W). -> dict of detached 0-d tensors."""
     encoder, decoder = nets["encoder"], nets["decoder"]
-    set_requires_grad(encoder, True)
-    set_requires_grad(decoder, False)
-    with amp():
-        fake = decoder(eps)
-        mu, logvar = encoder(x)
-        z = reparameterize(mu, logvar)
-        rec = decoder(z)
-        mu_r, logvar_r = encoder(rec.detach())
-        mu_f, logvar_f = encoder(fake.detach())
-    # ALGO LOGIC
-    rec_err, kl_real = sse(x, rec), kl_divergence(mu, logvar)
-    kl_r, kl_f = kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f)
-    loss = intro_encoder_loss(rec_err, kl_real, kl_r, kl_f, cfg.margin, cfg.beta_rec, cfg.beta_kl, cfg.beta_neg)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    stats = {"loss_e": loss, "rec": rec_err.mean(), "kl_real": kl_real.mean(), "kl_rec": kl_r.mean(),
-             "kl_fake": kl_f.mean(), "kl_diff": kl_f.mean() - kl_real.mean()}
-    return z, {k: v.detach() for k, v in stats.items()}
-
-
-def intro_decoder_step(nets, opt, x, z, eps, cfg, amp):
-    """IntroVAE decoder update (encoder frozen, as just updated) on the same z and eps."""
-    encoder, decoder = nets["encoder"], nets["decoder"]
-    set_requires_grad(encoder, False)
-    set_requires_grad(decoder, True)
-    with amp():
-        fake = decoder(eps)
-        rec = decoder(z.detach())
-        mu_r, logvar_r = encoder(rec)
-        mu_f, logvar_f = encoder(fake)
-    # ALGO LOGIC
-    loss = intro_decoder_loss(sse(x, rec), kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f),
-                              cfg.beta_rec, cfg.beta_kl)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return {"loss_d": loss.detach()}
-
-
-def introvae_step(nets, opts, x, cfg, c, s, amp):
-    eps = torch.randn(x.shape[0], cfg.z_dim, device=x.device)  # (B, z) prior draw shared by both steps
-    z, stats = intro_encoder_step(nets, opts["encoder"], x, eps, cfg, amp)
-    return {**stats, **intro_decoder_step(nets, opts["decoder"], x, z, eps, cfg, amp)}
-
-
-def soft_intro_encoder_step(nets, opt, x, eps, cfg, c, s, amp):
-    """Soft-IntroVAE / AS-IntroVAE encoder update (decoder frozen). Returns z and the logged values."""
-    encoder, decoder = nets["encoder"], nets["decoder"]
-    set_requires_grad(encoder, True)
-    set_requires_grad(decoder, False)
-    with amp():
-        fake = decoder(eps)  # (B, C, H, W)
-        mu, logvar = encoder(x)  # (B, z)
-        z = reparameterize(mu, logvar)
-        rec = decoder(z)
-        mu_r, logvar_r = encoder(rec.detach())
-        rec_rec = decoder(reparameterize(mu_r, logvar_r))
-        mu_f, logvar_f = encoder(fake.detach())
-        rec_fake = decoder(reparameterize(mu_f, logvar_f))
-    # ALGO LOGIC: everything below is float32 (the networks return float32)
-    rec_err, kl_real = sse(x, rec), kl_divergence(mu, logvar)  # (B,)
-    rec_err_r, kl_r = sse(rec, rec_rec), kl_divergence(mu_r, logvar_r)  # rec NOT detached (trap 3)
-    rec_err_f, kl_f = sse(fake, rec_fake), kl_divergence(mu_f, logvar_f)
-    stats = {}
-    if cfg.model == "asintrovae":
-        if cfg.variant == "official":
-            # DEVIATION (official 2): tanh on the posteriors of rec and fake before the AS-Distance
-            as_dist = as_distance(mu_r.tanh(), logvar_r.tanh(), mu_f.tanh(), logvar_f.tanh(), "official_sum")
+    pair = (encoder, decoder, opts["encoder"], opts["decoder"])
+    betas = {"beta_rec": cfg.beta_rec, "beta_kl": cfg.beta_kl, "amp": amp}
+    sharp = {"beta_tc": cfg.beta_tc, "tc_estimator": cfg.tc_estimator}
+    if method == "vae":
+        return vae_step(*pair, x, **betas)
+    if method == "vae-s":
+        return vae_s_step(*pair, x, vae_s_state, **betas, **sharp)
+    if method in ("avae", "avae-s"):
+        if method == "avae":
+            objective = functools.partial(vae_objective, **betas)
         else:
-            as_dist = as_distance(mu_r, logvar_r, mu_f, logvar_f)  # E(rec) vs E(fake), never E(x) (trap 4)
-        loss = as_intro_encoder_loss(rec_err, kl_real, rec_err_r, kl_r, rec_err_f, kl_f, as_dist, c, s,
-                                     cfg.beta_rec, cfg.beta_kl, cfg.beta_neg)
-        kl_in_exp_r, kl_in_exp_f = c * kl_r + (1 - c) * as_dist, c * kl_f + (1 - c) * as_dist
-        stats["as_dist"] = as_dist
-    else:
-        loss = soft_intro_encoder_loss(rec_err, kl_real, rec_err_r, kl_r, rec_err_f, kl_f, s,
-                                       cfg.beta_rec, cfg.beta_kl, cfg.beta_neg)
-        kl_in_exp_r, kl_in_exp_f = kl_r, kl_f
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    with torch.no_grad():
-        stats.update(loss_e=loss, rec=rec_err.mean(), kl_real=kl_real.mean(), kl_rec=kl_r.mean(), kl_fake=kl_f.mean(),
-                     kl_diff=kl_f.mean() - kl_real.mean(),
-                     exp_elbo_rec=exp_elbo(rec_err_r, kl_in_exp_r, s, cfg.beta_rec, cfg.beta_neg).mean(),
-                     exp_elbo_fake=exp_elbo(rec_err_f, kl_in_exp_f, s, cfg.beta_rec, cfg.beta_neg).mean())
-    return z, {k: v.detach() for k, v in stats.items()}
-
-
-def soft_intro_decoder_step(nets, opt, x, z, eps, cfg, c, s, amp):
-    """Soft-IntroVAE / AS-IntroVAE decoder update (encoder frozen) on the encoder step's z and eps."""
-    encoder, decoder = nets["encoder"], nets["decoder"]
-    set_requires_grad(encoder, False)
-    set_requires_grad(decoder, True)
-    with amp():
-        fake = decoder(eps)  # the SAME eps as the encoder step
-        rec = decoder(z.detach())  # the SAME z, drawn before the encoder's update
-        mu_r, logvar_r = encoder(rec)  # the encoder AFTER its update; gradients reach the decoder through it
-        z_r = reparameterize(mu_r, logvar_r)
-        mu_f, logvar_f = encoder(fake)
-        z_f = reparameterize(mu_f, logvar_f)
-        rec_rec, rec_fake = decoder(z_r.detach()), decoder(z_f.detach())
-    # ALGO LOGIC
-    rec_err = sse(x, rec)
-    rec_err_rr, rec_err_rf = sse(rec.detach(), rec_rec), sse(fake.detach(), rec_fake)
-    official = cfg.model == "asintrovae" and cfg.variant == "official"
-    if official:
-        # DEVIATION (official 2): tanh on mu and logvar before the decoder's KLs and the AS-Distance
-        mu_r, logvar_r, mu_f, logvar_f = (v.tanh() for v in (mu_r, logvar_r, mu_f, logvar_f))
-    kl_r, kl_f = kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f)  # (B,)
-    if cfg.model == "asintrovae":
-        as_dist = as_distance(mu_r, logvar_r, mu_f, logvar_f, "official_mean" if official else "paper")
-        loss = as_intro_decoder_loss(rec_err, kl_r, kl_f, rec_err_rr, rec_err_rf, as_dist, c, s, cfg.beta_rec,
-                                     cfg.beta_kl, cfg.gamma_r, cfg.variant)
-    else:
-        loss = soft_intro_decoder_loss(rec_err, kl_r, kl_f, rec_err_rr, rec_err_rf, s, cfg.beta_rec, cfg.beta_kl,
-                                       cfg.gamma_r)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return {"loss_d": loss.detach()}
-
-
-def soft_intro_step(nets, opts, x, cfg, c, s, amp):
-    """One Soft-IntroVAE iteration (cfg.model "sintrovae") or AS-IntroVAE iteration ("asintrovae")."""
-    eps = torch.randn(x.shape[0], cfg.z_dim, device=x.device)  # (B, z) prior draw shared by both steps
-    z, stats = soft_intro_encoder_step(nets, opts["encoder"], x, eps, cfg, c, s, amp)
-    return {**stats, **soft_intro_decoder_step(nets, opts["decoder"], x, z, eps, cfg, c, s, amp)}
-
-
-TRAIN_STEPS = {"vae": vae_step, "introvae": introvae_step, "sintrovae": soft_intro_step, "asintrovae": soft_intro_step,
-               "vae-s": vae_step, "avae": adversarial_step, "avae-s": adversarial_step}
-
-
-def select_step(cfg, epoch, vae_s_state):
-    """The step of this epoch, called as step(nets, opts, x, cfg, c, s, amp): the introspective warm-up
-    (num_vae), avae / avae-s's pre-training (pretrain_epochs), else the model's own; vae-s and avae-s get
-    their VAE-S state."""
-    if epoch < cfg.num_vae or (cfg.model in ADVERSARIAL_MODELS and epoch < cfg.pretrain_epochs):
-        step = vae_step
-    else:
-        step = TRAIN_STEPS[cfg.model]
-    return functools.partial(step, vae_s_state=vae_s_state) if cfg.model in SHARP_MODELS else step
+            objective = functools.partial(vae_s_objective, vae_s_state=vae_s_state, **betas, **sharp)
+        return adversarial_step(encoder, decoder, nets["disc"], opts["encoder"], opts["decoder"],
+                                opts["disc"], x, objective, beta_adv=cfg.beta_adv,
+                                adv_loss=cfg.adv_loss, disc_train_below=cfg.disc_train_below,
+                                adv_use_above=cfg.adv_use_above, amp=amp)
+    eps = torch.randn(x.shape[0], cfg.z_dim, device=x.device)  # (B, z), shared by both halves
+    if method == "introvae":
+        return introvae_step(*pair, x, eps, margin=cfg.margin, beta_neg=cfg.beta_neg, **betas)
+    variant = cfg.variant if method == "asintrovae" else None
+    return soft_intro_step(*pair, x, eps, c=c if variant else 1.0, s=s, beta_neg=cfg.beta_neg,
+                           gamma_r=cfg.gamma_r, variant=variant, **betas)
 
 
 @torch.no_grad()
 def update_ema(ema, decoder, decay):
-    """shadow <- decay * shadow + (1 - decay) * weight after each decoder step; BatchNorm buffers are copied."""
+    """shadow <- decay * shadow + (1 - decay) * weight after each decoder step; BatchNorm buffers
+    are copied."""
     torch._foreach_lerp_(list(ema.parameters()), list(decoder.parameters()), 1.0 - decay)
     for shadow, buffer in zip(ema.buffers(), decoder.buffers()):
         shadow.copy_(buffer)
@@ -1505,7 +1589,7 @@ def train(cfg):
                 flip = torch.rand(x.shape[0], device=device) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
             c = annealing_coefficient(step, total_iters, schedule)
-            stats = select_step(cfg, epoch, vae_s_state)(nets, opts, x, cfg, c, s, amp)
+            stats = train_step(step_method(cfg, epoch), nets, opts, x, cfg, c, s, amp, vae_s_state)
             update_ema(nets["ema"], unwrap(nets["decoder"]), cfg.ema_decay)
             losses = {k: v for k, v in stats.items() if k.startswith("loss")}
             if not torch.isfinite(torch.stack(list(losses.values()))).all():
@@ -1763,7 +1847,7 @@ def bench(cfg):
     seed_everything(cfg.seed)
     nets, opts = make_state(cfg, image_channels, device)
     vae_s_state = new_vae_s_state(4 * cfg.batch_size, cfg.lambda_batches or 4, device) if cfg.model in SHARP_MODELS else None
-    step_fn = select_step(cfg, cfg.epochs - 1, vae_s_state)
+    method = step_method(cfg, cfg.epochs - 1)
     images = torch.randint(0, 256, (4 * cfg.batch_size, *shape), dtype=torch.uint8, device=device)
     s, warmup = 1.0 / math.prod(shape), 2
     for i in range(warmup + cfg.bench):
@@ -1773,7 +1857,8 @@ def bench(cfg):
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
         x = to_float(images[(i % 4) * cfg.batch_size:(i % 4 + 1) * cfg.batch_size], device)
-        stats = step_fn(nets, opts, x, cfg, annealing_coefficient(i, 10 ** 6), s, amp)
+        stats = train_step(method, nets, opts, x, cfg, annealing_coefficient(i, 10 ** 6), s, amp,
+                           vae_s_state)
         update_ema(nets["ema"], unwrap(nets["decoder"]), cfg.ema_decay)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -89,7 +89,8 @@ def test_intro_losses():
     loss_e = asv.intro_encoder_loss(t(2.0), t(1.0), t(3.0), t(12.0), margin=10.0, beta_rec=0.5, beta_kl=1.0, beta_neg=0.5)
     assert loss_e.item() == pytest.approx(3.75)
     # the hinge acts on the batch MEAN: kl_rec (5, 15) has mean 10 -> no hinge at all
-    loss_e = asv.intro_encoder_loss(t(2.0, 2.0), t(1.0, 1.0), t(5.0, 15.0), t(12.0, 12.0), 10.0, 0.5, 1.0, 0.5)
+    loss_e = asv.intro_encoder_loss(t(2.0, 2.0), t(1.0, 1.0), t(5.0, 15.0), t(12.0, 12.0), margin=10.0,
+                                    beta_rec=0.5, beta_kl=1.0, beta_neg=0.5)
     assert loss_e.item() == pytest.approx(2.0)
     # L_D = 0.5 * 2 + 0.5 * 1 * (3 + 12)
     assert asv.intro_decoder_loss(t(2.0), t(3.0), t(12.0), beta_rec=0.5, beta_kl=1.0).item() == pytest.approx(8.5)
@@ -97,31 +98,33 @@ def test_intro_losses():
 
 def test_soft_intro_encoder_loss():
     # s = 0.5, all betas 1, alpha 2: 0.5 * (mean(2, 4) + mean(1, 3)) + 0.25 * (mean(e^-1, e^-3) + mean(e^-1, e^-1))
-    loss = asv.soft_intro_encoder_loss(t(2.0, 4.0), t(1.0, 3.0), t(1.0, 3.0), t(0.0, 0.0), t(0.0, 0.0), t(1.0, 1.0),
-                                       s=0.5, beta_rec=1.0, beta_kl=1.0, beta_neg=1.0)
+    loss, _, _ = asv.as_intro_encoder_loss(t(2.0, 4.0), t(1.0, 3.0), t(1.0, 3.0), t(0.0, 0.0), t(0.0, 0.0),
+                                           t(1.0, 1.0), as_dist=0.0, c=1.0, s=0.5, beta_rec=1.0, beta_kl=1.0,
+                                           beta_neg=1.0)
     assert loss.item() == pytest.approx(2.5 + 0.25 * ((E(-1) + E(-3)) / 2 + E(-1)), rel=1e-12)
     # beta_neg weighs only the KL inside the exponent: exp(-2 * 0.5 * (1 * 0 + 3 * 1)) = e^-3 for the f term
-    loss = asv.soft_intro_encoder_loss(t(2.0), t(1.0), t(1.0), t(0.0), t(0.0), t(1.0), 0.5, 1.0, 1.0, 3.0)
+    loss, _, _ = asv.as_intro_encoder_loss(t(2.0), t(1.0), t(1.0), t(0.0), t(0.0), t(1.0), as_dist=0.0, c=1.0,
+                                           s=0.5, beta_rec=1.0, beta_kl=1.0, beta_neg=3.0)
     assert loss.item() == pytest.approx(1.5 + 0.25 * (E(-1) + E(-3)), rel=1e-12)
 
 
 def test_soft_intro_decoder_loss():
     # s [1 * 2 + 0.5 * 1 * (1 + 3) + 0.1 * 0.5 * 1 * (4 + 6)] = 0.5 * 4.5
-    loss = asv.soft_intro_decoder_loss(t(2.0), t(1.0), t(3.0), t(4.0), t(6.0), s=0.5, beta_rec=1.0, beta_kl=1.0,
-                                       gamma_r=0.1)
+    loss = asv.as_intro_decoder_loss(t(2.0), t(1.0), t(3.0), t(4.0), t(6.0), as_dist=0.0, c=1.0, s=0.5,
+                                     beta_rec=1.0, beta_kl=1.0, gamma_r=0.1)
     assert loss.item() == pytest.approx(2.25)
 
 
 def test_as_intro_encoder_loss():
     # c = 0.5, AS = 2: r exponent -2 * 0.5 * (1 + (0.5 * 0 + 0.5 * 2)) = -2, f exponent -(0 + 0.5 * 1 + 0.5 * 2) = -1.5
-    loss = asv.as_intro_encoder_loss(t(2.0), t(1.0), t(1.0), t(0.0), t(0.0), t(1.0), as_dist=t(2.0)[0], c=0.5, s=0.5,
-                                     beta_rec=1.0, beta_kl=1.0, beta_neg=1.0)
+    loss, _, _ = asv.as_intro_encoder_loss(t(2.0), t(1.0), t(1.0), t(0.0), t(0.0), t(1.0), as_dist=t(2.0)[0],
+                                           c=0.5, s=0.5, beta_rec=1.0, beta_kl=1.0, beta_neg=1.0)
     assert loss.item() == pytest.approx(1.5 + 0.25 * (E(-2) + E(-1.5)), rel=1e-12)  # 1.5896
     # c = 1 is Soft-IntroVAE whatever the AS value
     args = (t(2.0, 5.0), t(1.0, 0.5), t(1.0, 3.0), t(0.2, 0.7), t(0.3, 0.1), t(1.0, 2.0))
     betas = dict(s=0.1, beta_rec=1.0, beta_kl=1.0, beta_neg=2.0)
-    assert asv.as_intro_encoder_loss(*args, as_dist=t(9.0)[0], c=1.0, **betas).item() == \
-        asv.soft_intro_encoder_loss(*args, **betas).item()
+    assert asv.as_intro_encoder_loss(*args, as_dist=t(9.0)[0], c=1.0, **betas)[0].item() == \
+        asv.as_intro_encoder_loss(*args, as_dist=0.0, c=1.0, **betas)[0].item()
 
 
 def test_as_intro_decoder_loss():
@@ -133,7 +136,7 @@ def test_as_intro_decoder_loss():
     assert asv.as_intro_decoder_loss(*args, **kwargs, variant="official").item() == pytest.approx(2.25)
     kwargs["c"] = 1.0
     assert asv.as_intro_decoder_loss(*args, **kwargs).item() == pytest.approx(
-        asv.soft_intro_decoder_loss(*args, s=0.5, beta_rec=1.0, beta_kl=1.0, gamma_r=0.1).item())
+        asv.as_intro_decoder_loss(*args, as_dist=0.0, c=1.0, s=0.5, beta_rec=1.0, beta_kl=1.0, gamma_r=0.1).item())
 
 
 def test_losses_by_hand_with_a_batch_and_weights_other_than_1():
@@ -153,15 +156,18 @@ def test_losses_by_hand_with_a_batch_and_weights_other_than_1():
     real = (t(1.0, 3.0), t(2.0, 4.0))
     r, f = (t(0.5, 1.0), t(0.0, 1.0 / 3.0)), (t(0.0, 0.25), t(1.0 / 3.0, 0.0))
     weights = dict(s=0.5, beta_rec=2.0, beta_kl=0.5, beta_neg=3.0)
-    loss = asv.as_intro_encoder_loss(*real, *r, *f, as_dist=t(0.0)[0], c=1.0, **weights)
+    loss, exp_r, exp_f = asv.as_intro_encoder_loss(*real, *r, *f, as_dist=t(0.0)[0], c=1.0, **weights)
     assert loss.item() == pytest.approx(2.75 + 0.25 * ((E(-1) + E(-3)) / 2 + (E(-1) + E(-0.5)) / 2),
                                         rel=1e-12)
+    # the exp-terms come back as batch means, for logging
+    assert (exp_r.item(), exp_f.item()) == (pytest.approx((E(-1) + E(-3)) / 2, rel=1e-12),
+                                            pytest.approx((E(-1) + E(-0.5)) / 2, rel=1e-12))
     # alpha = 4 doubles every exponent and halves the 1 / (2 alpha) in front
-    loss = asv.as_intro_encoder_loss(*real, *r, *f, as_dist=t(0.0)[0], c=1.0, alpha=4.0, **weights)
+    loss, _, _ = asv.as_intro_encoder_loss(*real, *r, *f, as_dist=t(0.0)[0], c=1.0, alpha=4.0, **weights)
     assert loss.item() == pytest.approx(2.75 + 0.125 * ((E(-2) + E(-6)) / 2 + (E(-2) + E(-1)) / 2),
                                         rel=1e-12)
     # c = 0.5, AS = 1: KL_q -> 0.5 KL_q + 0.5; r exponents -(1 + 1.5), -(2 + 2); f: -(0 + 2), -(0.5 + 1.5)
-    loss = asv.as_intro_encoder_loss(*real, *r, *f, as_dist=t(1.0)[0], c=0.5, **weights)
+    loss, _, _ = asv.as_intro_encoder_loss(*real, *r, *f, as_dist=t(1.0)[0], c=0.5, **weights)
     assert loss.item() == pytest.approx(2.75 + 0.25 * ((E(-2.5) + E(-4)) / 2 + E(-2)), rel=1e-12)
     # decoder, s = 0.25, beta_rec 2, beta_kl 0.5, gamma_r 0.1, KL_r (2, 4), KL_f (0, 2):
     # s [2 mean(1, 3) + 0.5 / 2 (mean KL_r + mean KL_f) + 0.1 * 2 / 2 (mean(4, 8) + mean(2, 6))] = s (4 + 1 + 1)
@@ -250,23 +256,36 @@ def no_amp():
     return torch.autocast("cpu", enabled=False)
 
 
+def encoder_step(nets, opts, x, eps, cfg, c, s):
+    """The encoder half of cfg.model's iteration, weights from cfg (Soft-IntroVAE: c = 1)."""
+    args = (nets["encoder"], nets["decoder"], opts["encoder"], x, eps)
+    betas = dict(beta_rec=cfg.beta_rec, beta_kl=cfg.beta_kl, beta_neg=cfg.beta_neg, amp=no_amp)
+    if cfg.model == "introvae":
+        return asv.intro_encoder_step(*args, margin=cfg.margin, **betas)
+    variant = cfg.variant if cfg.model == "asintrovae" else None
+    return asv.soft_intro_encoder_step(*args, c=c if variant else 1.0, s=s, variant=variant, **betas)
+
+
+def decoder_step(nets, opts, x, z, eps, cfg, c, s):
+    args = (nets["encoder"], nets["decoder"], opts["decoder"], x, z, eps)
+    betas = dict(beta_rec=cfg.beta_rec, beta_kl=cfg.beta_kl, amp=no_amp)
+    if cfg.model == "introvae":
+        return asv.intro_decoder_step(*args, **betas)
+    variant = cfg.variant if cfg.model == "asintrovae" else None
+    return asv.soft_intro_decoder_step(*args, c=c if variant else 1.0, s=s, gamma_r=cfg.gamma_r,
+                                       variant=variant, **betas)
+
+
 @pytest.mark.parametrize("model, variant", [("asintrovae", "paper"), ("asintrovae", "official"), ("sintrovae", "paper"),
                                             ("introvae", "paper")])
 def test_encoder_step_leaves_decoder_and_decoder_step_leaves_encoder(model, variant):
     cfg, nets, opts, x, eps = tiny(model, variant)
-    amp = no_amp
     enc0, dec0 = params(nets["encoder"]), params(nets["decoder"])
-    if model == "introvae":
-        z, _ = asv.intro_encoder_step(nets, opts["encoder"], x, eps, cfg, amp)
-    else:
-        z, _ = asv.soft_intro_encoder_step(nets, opts["encoder"], x, eps, cfg, 0.3, 1 / 192, amp)
+    z, _ = encoder_step(nets, opts, x, eps, cfg, 0.3, 1 / 192)
     assert same(dec0, params(nets["decoder"])) and all(p.grad is None for p in nets["decoder"].parameters())
     assert not same(enc0, params(nets["encoder"]))
     enc1, grads1 = params(nets["encoder"]), [p.grad.clone() for p in nets["encoder"].parameters()]
-    if model == "introvae":
-        asv.intro_decoder_step(nets, opts["decoder"], x, z, eps, cfg, amp)
-    else:
-        asv.soft_intro_decoder_step(nets, opts["decoder"], x, z, eps, cfg, 0.3, 1 / 192, amp)
+    decoder_step(nets, opts, x, z, eps, cfg, 0.3, 1 / 192)
     assert same(enc1, params(nets["encoder"])) and same(grads1, [p.grad for p in nets["encoder"].parameters()])
     assert not same(dec0, params(nets["decoder"]))
 
@@ -275,9 +294,8 @@ def test_encoder_step_leaves_decoder_and_decoder_step_leaves_encoder(model, vari
 def test_decoder_step_reuses_z_and_eps_with_the_updated_encoder(variant):
     """The decoder loss equals Eq. 9 evaluated on Dec(z), Dec(eps) and the encoder as it is after its own step."""
     cfg, nets, opts, x, eps = tiny("asintrovae", variant)
-    amp = no_amp
     c, s = 0.4, 1 / 192
-    z, _ = asv.soft_intro_encoder_step(nets, opts["encoder"], x, eps, cfg, c, s, amp)
+    z, _ = encoder_step(nets, opts, x, eps, cfg, c, s)
     encoder, decoder = nets["encoder"], nets["decoder"]
     torch.manual_seed(5)
     with torch.no_grad():
@@ -290,17 +308,19 @@ def test_decoder_step_reuses_z_and_eps_with_the_updated_encoder(variant):
             mu_r, lv_r, mu_f, lv_f = (v.tanh() for v in (mu_r, lv_r, mu_f, lv_f))
         as_dist = asv.as_distance(mu_r, lv_r, mu_f, lv_f, "official_mean" if variant == "official" else "paper")
         expected = asv.as_intro_decoder_loss(asv.sse(x, rec), asv.kl_divergence(mu_r, lv_r), asv.kl_divergence(mu_f, lv_f),
-                                             asv.sse(rec, decoder(z_r)), asv.sse(fake, decoder(z_f)), as_dist, c, s,
-                                             cfg.beta_rec, cfg.beta_kl, cfg.gamma_r, variant)
+                                             asv.sse(rec, decoder(z_r)), asv.sse(fake, decoder(z_f)), as_dist, c=c, s=s,
+                                             beta_rec=cfg.beta_rec, beta_kl=cfg.beta_kl, gamma_r=cfg.gamma_r,
+                                             variant=variant)
     torch.manual_seed(5)
-    stats = asv.soft_intro_decoder_step(nets, opts["decoder"], x, z, eps, cfg, c, s, amp)
+    stats = decoder_step(nets, opts, x, z, eps, cfg, c, s)
     assert stats["loss_d"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_vae_step_trains_both_networks_and_ema_follows_the_decoder():
     cfg, nets, opts, x, _ = tiny("vae")
     enc0, dec0 = params(nets["encoder"]), params(nets["decoder"])
-    stats = asv.vae_step(nets, opts, x, cfg, 0.0, 1 / 192, no_amp)
+    stats = asv.vae_step(nets["encoder"], nets["decoder"], opts["encoder"], opts["decoder"], x,
+                         beta_rec=cfg.beta_rec, beta_kl=cfg.beta_kl, amp=no_amp)
     assert not same(enc0, params(nets["encoder"])) and not same(dec0, params(nets["decoder"]))
     assert set(stats) == {"loss", "rec", "kl_real"}
     ema0 = params(nets["ema"])

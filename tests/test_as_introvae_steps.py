@@ -158,23 +158,30 @@ def ref_intro_decoder(encoder, decoder, x, z, eps):
 # calls of the steps under test (the only place that knows their signatures)
 # ---------------------------------------------------------------------------------------------------
 def encoder_step(model, variant, nets, opts, x, eps, cfg, c, s):
+    args = (nets["encoder"], nets["decoder"], opts["encoder"], x, eps)
+    betas = dict(beta_rec=cfg.beta_rec, beta_kl=cfg.beta_kl, beta_neg=cfg.beta_neg, amp=no_amp)
     if model == "introvae":
-        return asv.intro_encoder_step(nets, opts["encoder"], x, eps, cfg, no_amp)
-    return asv.soft_intro_encoder_step(nets, opts["encoder"], x, eps, cfg, c, s, no_amp)
+        return asv.intro_encoder_step(*args, margin=cfg.margin, **betas)
+    variant, c = (variant, c) if model == "asintrovae" else (None, 1.0)  # Soft-IntroVAE: c = 1
+    return asv.soft_intro_encoder_step(*args, c=c, s=s, variant=variant, **betas)
 
 
 def decoder_step(model, variant, nets, opts, x, z, eps, cfg, c, s):
+    args = (nets["encoder"], nets["decoder"], opts["decoder"], x, z, eps)
+    betas = dict(beta_rec=cfg.beta_rec, beta_kl=cfg.beta_kl, amp=no_amp)
     if model == "introvae":
-        return asv.intro_decoder_step(nets, opts["decoder"], x, z, eps, cfg, no_amp)
-    return asv.soft_intro_decoder_step(nets, opts["decoder"], x, z, eps, cfg, c, s, no_amp)
+        return asv.intro_decoder_step(*args, **betas)
+    variant, c = (variant, c) if model == "asintrovae" else (None, 1.0)
+    return asv.soft_intro_decoder_step(*args, c=c, s=s, gamma_r=cfg.gamma_r, variant=variant, **betas)
 
 
 def vae_step(nets, opts, x, cfg, vae_s_state=None):
-    return asv.vae_step(nets, opts, x, cfg, C, S, no_amp, vae_s_state)
+    return asv.train_step("vae" if vae_s_state is None else "vae-s", nets, opts, x, cfg, C, S, no_amp,
+                          vae_s_state)
 
 
 def adversarial_step(nets, opts, x, cfg, vae_s_state=None):
-    return asv.adversarial_step(nets, opts, x, cfg, C, S, no_amp, vae_s_state)
+    return asv.train_step(cfg.model, nets, opts, x, cfg, C, S, no_amp, vae_s_state)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,17 +236,20 @@ def test_decoder_step_loss_and_gradients_match_the_equations(model, variant):
         assert torch.equal(param.grad, before)  # the decoder step leaves the encoder alone
 
 
-def test_sintrovae_ignores_c_and_asintrovae_at_c_1_is_sintrovae():
+def test_sintrovae_is_asintrovae_at_c_1_whatever_the_schedule_says():
     losses = {}
     for model, c in (("sintrovae", 0.2), ("sintrovae", 0.9), ("asintrovae", 1.0)):
-        cfg, nets, opts, x, eps = tiny(model)
+        cfg, nets, opts, x, _ = tiny(model)
         torch.manual_seed(11)
-        z, stats = encoder_step(model, "paper", nets, opts, x, eps, cfg, c, S)
-        torch.manual_seed(12)
-        losses[model, c] = (stats["loss_e"].item(),
-                            decoder_step(model, "paper", nets, opts, x, z, eps, cfg, c, S)["loss_d"].item())
+        stats = asv.train_step(model, nets, opts, x, cfg, c, S, no_amp)
+        losses[model, c] = (stats["loss_e"].item(), stats["loss_d"].item())
     assert losses["sintrovae", 0.2] == losses["sintrovae", 0.9]
     assert losses["asintrovae", 1.0] == pytest.approx(losses["sintrovae", 0.2], rel=1e-6)
+    cfg, nets, opts, x, eps = tiny("sintrovae")
+    with pytest.raises(ValueError, match="c = 1"):
+        asv.soft_intro_encoder_step(nets["encoder"], nets["decoder"], opts["encoder"], x, eps, c=0.5,
+                                    s=S, beta_rec=1.0, beta_kl=1.0, beta_neg=1.0, variant=None,
+                                    amp=no_amp)
 
 
 def test_vae_step_loss_and_gradients_match_the_equations():
@@ -331,20 +341,16 @@ def test_adversarial_step_loss_and_gradients_match_the_equations(model):
 # what train() hands the steps: s = 1 / (C H W), c = annealing_coefficient(t, T), the warm-up
 # ---------------------------------------------------------------------------------------------------
 def spy_on_steps(monkeypatch):
-    """Record (step name, c, s) of every training step train() takes."""
+    """Record (step name, c, s) of every step train() takes (None where the step takes no c or s)."""
     calls = []
-    select = asv.select_step
+    for name in ("vae_step", "soft_intro_step"):
+        step = getattr(asv, name)
 
-    def spying_select(cfg, epoch, vae_s_state):
-        step = select(cfg, epoch, vae_s_state)
+        def spy(*args, _step=step, _name=name, **kwargs):
+            calls.append((_name, kwargs.get("c"), kwargs.get("s")))
+            return _step(*args, **kwargs)
 
-        def spy(nets, opts, x, cfg, c, s, amp):
-            calls.append((getattr(step, "__name__", ""), c, s))
-            return step(nets, opts, x, cfg, c, s, amp)
-
-        return spy
-
-    monkeypatch.setattr(asv, "select_step", spying_select)
+        monkeypatch.setattr(asv, name, spy)
     return calls
 
 
@@ -363,7 +369,8 @@ def test_train_hands_s_c_and_the_warm_up_to_the_steps(tmp_path, monkeypatch, var
     total = 3 * 3  # T: 3 iterations per epoch (the last one of 4 images) times 3 epochs
     names = [name for name, _, _ in calls]
     assert names == ["vae_step"] * 3 + ["soft_intro_step"] * 6  # num_vae = 1 epoch of warm-up
-    for t, (_, c, step_s) in enumerate(calls):
+    assert all(c is None and step_s is None for _, c, step_s in calls[:3])  # Eq. 1, no s
+    for t, (_, c, step_s) in enumerate(calls[3:], start=3):
         assert step_s == s and c == asv.annealing_coefficient(t, total, schedule)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert ["loss_e" in r for r in records] == [False] * 3 + [True] * 6

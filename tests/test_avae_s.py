@@ -318,9 +318,15 @@ def test_adversarial_step_gates(model, case):
     torch.manual_seed(7)  # L_VAE as the step computes it: the same noise, a twin of the (1-batch) probe
     with torch.no_grad():
         twin = None if state is None else asv.new_vae_s_state(100, 1, torch.device("cpu"))
-        l_vae, _, _ = asv.vae_objective(nets, x, cfg, no_amp, twin)
+        if twin is None:
+            l_vae, _, _ = asv.vae_objective(nets["encoder"], nets["decoder"], x, beta_rec=cfg.beta_rec,
+                                            beta_kl=cfg.beta_kl, amp=no_amp)
+        else:
+            l_vae, _, _ = asv.vae_s_objective(nets["encoder"], nets["decoder"], x, twin, beta_rec=cfg.beta_rec,
+                                              beta_kl=cfg.beta_kl, beta_tc=cfg.beta_tc,
+                                              tc_estimator=cfg.tc_estimator, amp=no_amp)
     torch.manual_seed(7)
-    stats = asv.adversarial_step(nets, opts, x, cfg, 0.0, 1.0, no_amp, state)
+    stats = asv.train_step(model, nets, opts, x, cfg, 0.0, 1.0, no_amp, state)
     offset = nets["disc"].offset.item()
     accuracy = (sum(v > 0 for v in real) + sum(v < 0 for v in rec)) / 8
     assert stats["disc_acc"].item() == accuracy
@@ -336,19 +342,14 @@ def test_adversarial_step_gates(model, case):
     assert not all(torch.equal(a, b) for a, b in zip(encoder0, nets["encoder"].parameters()))
 
 
-def test_select_step_follows_the_phases():
-    cpu = torch.device("cpu")
+def test_step_method_follows_the_phases():
     cfg = asv.make_config({"dataset": "mnist", "model": "avae", "pretrain_epochs": 2, "adv_epochs": 1})
     assert cfg.epochs == 3
-    assert [asv.select_step(cfg, epoch, None) for epoch in range(3)] == [asv.vae_step, asv.vae_step, asv.adversarial_step]
-    state = asv.new_vae_s_state(10, 1, cpu)
+    assert [asv.step_method(cfg, epoch) for epoch in range(3)] == ["vae", "vae", "avae"]
     cfg = asv.make_config({"dataset": "mnist", "model": "avae-s", "pretrain_epochs": 1, "adv_epochs": 1})
-    steps = [asv.select_step(cfg, epoch, state) for epoch in range(2)]
-    assert [(s.func, s.keywords) for s in steps] == [(asv.vae_step, {"vae_s_state": state}),
-                                                     (asv.adversarial_step, {"vae_s_state": state})]
-    step = asv.select_step(asv.make_config({"dataset": "mnist", "model": "vae-s"}), 5, state)
-    assert (step.func, step.keywords) == (asv.vae_step, {"vae_s_state": state})
-    assert asv.select_step(asv.make_config({"dataset": "mnist", "model": "vae"}), 5, None) is asv.vae_step
+    assert [asv.step_method(cfg, epoch) for epoch in range(2)] == ["vae-s", "avae-s"]  # both with the VAE-S loss
+    assert asv.step_method(asv.make_config({"dataset": "mnist", "model": "vae-s"}), 5) == "vae-s"
+    assert asv.step_method(asv.make_config({"dataset": "mnist", "model": "vae"}), 5) == "vae"
 
 
 # ---------------------------------------------------------------------------------------------------
