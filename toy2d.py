@@ -1,38 +1,58 @@
-"""The AS-IntroVAE paper's 2D experiments (Table 1, Fig. 3, supplement Table 4), all four methods.
+"""The AS-IntroVAE paper's 2D experiments (Table 1, Fig. 3, supplement Table 1), all four methods.
 
-Trains VAE, IntroVAE, Soft-IntroVAE and AS-IntroVAE on the 2D toy sets with Soft-IntroVAE's protocol
-(../shared/spec/algorithm.md, "The 2D toy protocol"), every selected run SIDE BY SIDE in one program:
-the runs' MLP weights are stacked as (R, in, out) tensors and trained with batched matmuls, one
-group per method. Runs never mix: each has its own weights, data stream, noise and Adam moments.
+Trains VAE, IntroVAE, Soft-IntroVAE and AS-IntroVAE on the 2D toy sets with Soft-IntroVAE's 2D
+protocol (30 000 iterations, 2 000 of them a plain-VAE warm-up, batch 512, Adam 2e-4 with lr x0.1 at
+10 000 and 15 000), every selected run SIDE BY SIDE in one program: the runs' MLP weights are
+stacked as (R, in, out) tensors and trained with batched matmuls, one group per method. Runs never
+mix: each has its own weights, data stream, noise and Adam moments.
 
-    python toy2d.py --combo C2                                  # Table 1, column C2: 4 methods, 8 Gaussians
-    python toy2d.py --combo all                                 # Table 1 and the Fig. 3-like overview
-    python toy2d.py --dataset checkerboard --combo all          # supplement Table 4
-    python toy2d.py --dataset all --combo all                   # 48 runs: 4 datasets x 4 methods x C1-C3
-    python toy2d.py --combo all --iters 1500                    # CPU quick version, ~10-16 min (schedule scales)
-    python toy2d.py --combo C2 --methods sintrovae --mapping literal   # the other reading of C1-C3
-    python toy2d.py --bench 50 --dataset all --combo all        # ms per iteration, 48 runs side by side
+    python toy2d.py --combo C2                               # Table 1, column C2: 4 methods
+    python toy2d.py --combo C2 --seeds 92,93,94              # three seeds side by side
+    python toy2d.py --combo all                              # Table 1 and the Fig. 3-like overview
+    python toy2d.py --dataset checkerboard --combo all       # the supplement's checkerboard table
+    python toy2d.py --dataset all --combo tuned              # Soft-IntroVAE's Table 2 setting
+    python toy2d.py --dataset all --combo all                # 48 runs: 4 sets x 4 methods x C1-C3
+    python toy2d.py --combo C2 --precision bf16              # bf16 autocast matmuls
+    python toy2d.py --combo C2 --methods asintrovae --warmup 0          # ablation: no VAE warm-up
+    python toy2d.py --combo C2 --methods asintrovae --schedule tanh     # tanh annealing
+    python toy2d.py --combo C2 --methods sintrovae --mapping literal    # the other reading of C1-C3
+    python toy2d.py --combo all --iters 1500                 # quick version (the schedule scales)
+    python toy2d.py --bench 20 --dataset all --combo all     # ms/iteration per phase
 
-Outputs in --out (default runs/toy2d-<timestamp>/): results.json, samples_<dataset>_<method>_<combo>_<seed>.npy
-(the generated points the metrics used), scatter_*.png, density_*.png, overview_<dataset>_<seed>.png,
-checkpoint.pt (a killed run resumes from it when started again with the same --out and flags).
+Outputs in --out (default runs/toy2d_<dataset>_<combo>_s<seeds>_<iters>_<hash of the flags>, so the
+same command finds its own folder): results.json (every run, with its coverage trace), table.md
+(mean +- std over seeds beside the paper's values), samples_<tag>.npy, scatter_<tag>.png,
+density_<tag>.png, overview_<dataset>_<seed>.png, coverage.png, checkpoint.pt. A killed run resumes
+from checkpoint.pt when the same command is typed again.
+
+Glossary (paper symbol -> Config field -> default):
+    beta_kl, beta_rec, beta_neg -> --combo / --mapping -> C2 = (0.5, 0.1, 0.9)
+    s (scale of the ELBO in the exponent) -> fixed, 1 / input dimension = 0.5
+    alpha (exponent factor) -> fixed, 2
+    gamma_r (weight of the generated samples' reconstruction) -> --gamma-r -> 1e-8
+    m (IntroVAE hinge margin) -> --margin -> 8
+    c (annealing coefficient, Eq. 9) -> --schedule -> min(5t/T, 1) (tanh(5t/T): --variant official)
+    T (iterations of the run) -> --iters -> 30000
 """
+
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from eval_metrics import Progress, hist_kl_jsd
+from eval_metrics import hist_kl_jsd
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config
 
 
@@ -45,22 +65,33 @@ def option(default, help):
 class Config:
     dataset: str = option("8gaussians", "8gaussians | checkerboard | spiral | rings | all")
     combo: str = option("C2", "C1 | C2 | C3 | all | tuned (Soft-IntroVAE's per-dataset betas)")
-    methods: str = option("vae,introvae,sintrovae,asintrovae", "comma list of the methods to train")
-    variant: str = option("paper", "AS-IntroVAE: paper (eq. 7-9 literally) | official (the released code)")
-    mapping: str = option("closest", "C1-C3 as (beta_kl, beta_rec, beta_neg): closest | as (kl, neg, rec): literal")
-    iters: int = option(30000, "iterations incl. the VAE warm-up (iters/15) and lr x0.1 at iters/3, iters/2")
-    seeds: str = option("92", "comma list of seeds; each seed is one run per (dataset, method, combo)")
+    methods: str = option("vae,introvae,sintrovae,asintrovae", "comma list of methods to train")
+    variant: str = option("paper", "AS-IntroVAE: paper (Eq. 7-9 literally) | official (released)")
+    mapping: str = option(
+        "closest", "C1-C3 as (kl, rec, neg): closest | as (kl, neg, rec): literal"
+    )
+    schedule: str = option(
+        "auto", "annealing of c: auto (linear; tanh if official) | linear | tanh"
+    )
+    iters: int = option(30000, "iterations incl. the warm-up; lr x0.1 at iters/3 and iters/2")
+    warmup: int = option(-1, "plain-VAE warm-up iterations; -1 = 2000 of 30000, scaled with iters")
+    seeds: str = option("92", "comma list of seeds; one run per (dataset, method, combo, seed)")
     batch_size: int = option(512, "points per iteration, drawn fresh from the data distribution")
     hidden: int = option(256, "width of the 4 hidden layers of encoder and decoder")
     lr: float = option(2e-4, "Adam learning rate of both networks before the steps")
-    margin: float = option(8.0, "IntroVAE's hinge margin m for 2D (best of 0.5, 2, 8 in the README's sweep)")
-    gamma_r: float = option(1e-8, "weight of the generated samples' reconstruction in the decoder loss")
+    margin: float = option(8.0, "IntroVAE's hinge margin m (best of 0.5, 2, 8 in a C2 sweep)")
+    gamma_r: float = option(1e-8, "weight of the generated samples' reconstruction (decoder)")
+    precision: str = option("fp32", "fp32 | bf16 (autocast of the matmuls; losses in fp32)")
     n_eval: int = option(5000, "generated and real points for KL / JSD / modes")
     grid: int = option(1024, "gnELBO and density grid is grid x grid over [-R, R]^2")
-    out: str = option("", "output folder; empty = runs/toy2d-<timestamp>")
+    trace_every: int = option(1000, "iterations between coverage records (a multiple of 50)")
+    out: str = option("", "output folder; empty = runs/toy2d_<...>_<hash of the flags>")
     device: str = option("auto", "auto (cuda when present) | cpu | cuda | cuda:N")
-    ckpt_every: int = option(2000, "iterations between checkpoints (rounded to whole data blocks)")
-    bench: int = option(0, ">0: time this many post-warm-up iterations, print ms/iteration, write nothing")
+    ckpt_every: int = option(2000, "iterations between checkpoints (rounded to data blocks of 50)")
+    until: int = option(
+        0, ">0: stop after this iteration (checkpointed); rerun without it to finish"
+    )
+    bench: int = option(0, ">0: time this many iterations per phase, print ms/it, write nothing")
 
 
 CHOICES = {
@@ -68,57 +99,109 @@ CHOICES = {
     "combo": ("C1", "C2", "C3", "all", "tuned"),
     "variant": ("paper", "official"),
     "mapping": ("closest", "literal"),
+    "schedule": ("auto", "linear", "tanh"),
+    "precision": ("fp32", "bf16"),
 }
 METHODS = ("vae", "introvae", "sintrovae", "asintrovae")
-METHOD_NAMES = {"vae": "VAE", "introvae": "IntroVAE", "sintrovae": "S-IntroVAE", "asintrovae": "AS-IntroVAE"}
+METHOD_NAMES = {
+    "vae": "VAE",
+    "introvae": "IntroVAE",
+    "sintrovae": "S-IntroVAE",
+    "asintrovae": "AS-IntroVAE",
+}
 DATASETS = CHOICES["dataset"][:-1]
-# Per-dataset presets: plot / histogram half-range R and Soft-IntroVAE's tuned (beta_kl, beta_rec, beta_neg).
+# Per-dataset plot / histogram half-range R and Soft-IntroVAE's tuned (beta_kl, beta_rec, beta_neg).
 DATASET_PRESETS = {
     "8gaussians": {"span": 2.0, "tuned": (0.3, 0.2, 0.9)},
     "checkerboard": {"span": 4.0, "tuned": (0.1, 0.2, 0.2)},
     "spiral": {"span": 4.0, "tuned": (0.5, 0.2, 1.0)},
     "rings": {"span": 4.0, "tuned": (0.2, 0.2, 1.0)},
 }
-# The paper's combos as printed (sec. 5.2): weight of the real ELBO, of the fake KL, of the fake reconstruction.
+# The paper's combos as printed (sec. 5.2): weights of the real ELBO, fake KL, fake reconstruction.
 COMBOS = {"C1": (0.3, 0.1, 0.9), "C2": (0.5, 0.1, 0.9), "C3": (0.7, 0.2, 0.9)}
+# Published paper-convention KL / JSD (gnELBO in 1e-7 units) per (dataset, combo) and method:
+# AS-IntroVAE Table 1 (8 Gaussians), its supplement's Table 1 (checkerboard; IntroVAE: NaN there)
+# and Soft-IntroVAE Table 2 (tuned betas, mean of 5 seeds; AS-IntroVAE not run there).
+PAPER = {
+    ("8gaussians", "C1"): {"kl": (220.2, 192.4, 50.2, 3.4), "jsd": (110.1, 56.0, 16.9, 5.6)},
+    ("8gaussians", "C2"): {"kl": (220.3, 191.1, 136.5, 1.3), "jsd": (110.0, 68.0, 36.6, 4.4)},
+    ("8gaussians", "C3"): {"kl": (220.2, 64.0, 46.2, 2.0), "jsd": (109.8, 53.0, 9.6, 7.1)},
+    ("checkerboard", "C1"): {"kl": (22.1, None, 20.7, 20.4), "jsd": (10.8, None, 9.6, 9.6)},
+    ("checkerboard", "C2"): {"kl": (21.2, None, 21.0, 20.6), "jsd": (9.9, None, 10.0, 9.6)},
+    ("checkerboard", "C3"): {"kl": (21.7, None, 21.2, 20.9), "jsd": (10.7, None, 10.3, 9.9)},
+    ("8gaussians", "tuned"): {
+        "kl": (6.72, 2.53, 1.25, None),
+        "jsd": (16.04, 1.67, 0.96, None),
+        "gnelbo": (7.42, 1.29, 1.25, None),
+    },
+    ("spiral", "tuned"): {
+        "kl": (9.8, 8.38, 8.13, None),
+        "jsd": (4.89, 3.58, 3.37, None),
+        "gnelbo": (6.19, 5.87, 5.21, None),
+    },
+    ("checkerboard", "tuned"): {
+        "kl": (20.91, 19.03, 20.27, None),
+        "jsd": (9.78, 9.07, 9.06, None),
+        "gnelbo": (8.53, 8.54, 4.47, None),
+    },
+    ("rings", "tuned"): {
+        "kl": (13.16, 10.21, 9.18, None),
+        "jsd": (7.26, 4.24, 4.13, None),
+        "gnelbo": (6.4, 7.25, 6.3, None),
+    },
+}
 BLOCK = 50  # iterations of data and noise drawn per generator call (checkpoints fall on block ends)
 X_DIM = 2  # input dimension; s = 1 / X_DIM
 Z_DIM = 2  # latent dimension
 
 
 def combo_betas(combo, dataset, mapping):
-    """(beta_kl, beta_rec, beta_neg) of a combo. "closest" reads (a, b, c) as (beta_kl, beta_rec, beta_neg),
-    which puts C1 next to Soft-IntroVAE's tuned 8-Gaussians betas (0.3, 0.2, 0.9); "literal" follows the
-    paper's words (real ELBO, fake KL, fake reconstruction) = (beta_kl, beta_neg, beta_rec)."""
+    """(beta_kl, beta_rec, beta_neg) of a combo. "closest" reads (a, b, c) as (beta_kl, beta_rec,
+    beta_neg), which puts C1 next to Soft-IntroVAE's tuned 8-Gaussians betas (0.3, 0.2, 0.9);
+    "literal" follows the paper's words (real ELBO, fake KL, fake reconstruction) =
+    (beta_kl, beta_neg, beta_rec)."""
     if combo == "tuned":
         return DATASET_PRESETS[dataset]["tuned"]
     a, b, c = COMBOS[combo]
     return (a, b, c) if mapping == "closest" else (a, c, b)
 
 
-def schedule(iters):
-    """Warm-up length and lr milestones: the protocol's 2000 / (10000, 15000) of 30000, scaled with iters."""
-    return round(iters * 2000 / 30000), (round(iters / 3), round(iters / 2))
+def schedule(iters, warmup=-1):
+    """Warm-up length and lr milestones: the protocol's 2000 / (10000, 15000) of 30000, scaled with
+    iters; warmup >= 0 overrides the warm-up length."""
+    warmup = round(iters * 2000 / 30000) if warmup < 0 else warmup
+    return warmup, (round(iters / 3), round(iters / 2))
+
+
+def annealing_schedule(cfg):
+    """The annealing of c actually used: --schedule, where "auto" follows --variant."""
+    if cfg.schedule != "auto":
+        return cfg.schedule
+    # OFFICIAL: the released code anneals with tanh(5 t / T).
+    return "tanh" if cfg.variant == "official" else "linear"
 
 
 def learning_rate(t, base_lr, milestones):
-    """lr at iteration t (0-based): x0.1 at each milestone reached (MultiStepLR stepped per iteration)."""
+    """lr at iteration t (0-based): x0.1 at each milestone reached (MultiStepLR, per iteration)."""
     return base_lr * 0.1 ** sum(t >= m for m in milestones)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data: each sampler draws n points (n, 2) from its own torch.Generator, on the CPU.
+# --------------------------------------------------------------------------------------------------
+# Data: each sampler draws n i.i.d. points (n, 2) from its own torch.Generator, on the CPU, so any
+# slice of a draw (one training batch of a block) is itself an i.i.d. sample of the data set.
 
 
 def sample_8gaussians(n, gen):
-    """8 centres at radius 2, angles k*45 deg, noise std 0.02, the whole point divided by 1.414."""
+    """Each point: one of 8 centres at radius 2 (angles k*45 deg) uniformly, + N(0, 0.02^2 I) noise,
+    the whole point divided by 1.414."""
     angle = torch.randint(0, 8, (n,), generator=gen).float() * (math.pi / 4)
     centre = 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
     return (centre + 0.02 * torch.randn(n, 2, generator=gen)) / 1.414
 
 
 def sample_checkerboard(n, gen):
-    """x1 ~ U(-2, 2), x2 = U(0, 1) - 2*Bernoulli(1/2) + (floor(x1) mod 2), both times 2: 8 squares in [-4, 4]^2."""
+    """Each point: x1 ~ U(-2, 2), x2 = U(0, 1) - 2*Bernoulli(1/2) + (floor(x1) mod 2), both times 2:
+    8 squares in [-4, 4]^2."""
     x1 = torch.rand(n, generator=gen) * 4 - 2
     x2 = torch.rand(n, generator=gen) - 2 * torch.randint(0, 2, (n,), generator=gen).float()
     x2 = x2 + torch.remainder(torch.floor(x1), 2)
@@ -126,21 +209,21 @@ def sample_checkerboard(n, gen):
 
 
 def sample_spiral(n, gen):
-    """Two arms: angle sqrt(U)*3*pi, arm (-cos(a)*a + U'/2, sin(a)*a + U''/2) and its negative, /3, + 0.1 N(0, I)."""
-    half = (n + 1) // 2
-    angle = torch.sqrt(torch.rand(half, generator=gen)) * (540 * 2 * math.pi / 360)
-    arm_x = -torch.cos(angle) * angle + 0.5 * torch.rand(half, generator=gen)
-    arm_y = torch.sin(angle) * angle + 0.5 * torch.rand(half, generator=gen)
-    arm = torch.stack([arm_x, arm_y], 1)
-    return torch.cat([arm, -arm])[:n] / 3 + 0.1 * torch.randn(n, 2, generator=gen)
+    """Each point: angle a = sqrt(U)*3*pi on arm (-cos(a)*a + U'/2, sin(a)*a + U''/2), negated with
+    probability 1/2 (the other arm), /3, + 0.1 N(0, I)."""
+    angle = torch.sqrt(torch.rand(n, generator=gen)) * (540 * 2 * math.pi / 360)
+    arm_x = -torch.cos(angle) * angle + 0.5 * torch.rand(n, generator=gen)
+    arm_y = torch.sin(angle) * angle + 0.5 * torch.rand(n, generator=gen)
+    sign = 1 - 2 * torch.randint(0, 2, (n, 1), generator=gen).float()  # which arm, per point
+    return sign * torch.stack([arm_x, arm_y], 1) / 3 + 0.1 * torch.randn(n, 2, generator=gen)
 
 
 RING_RADII = (3.0, 2.25, 1.5, 0.75)
 
 
 def sample_rings(n, gen):
-    """n//4 equally spaced points on circles of radius 3, 2.25, 1.5 and the rest on 0.75; resampled with
-    replacement; + N(0, 0.08^2) noise."""
+    """n//4 equally spaced points on circles of radius 3, 2.25, 1.5 and the rest on 0.75; each point
+    drawn from those uniformly with replacement; + N(0, 0.08^2 I) noise."""
     counts = [n // 4] * 3 + [n - 3 * (n // 4)]
     circles = []
     for radius, k in zip(RING_RADII, counts):
@@ -150,33 +233,40 @@ def sample_rings(n, gen):
     return points + 0.08 * torch.randn(n, 2, generator=gen)
 
 
-SAMPLERS = {"8gaussians": sample_8gaussians, "checkerboard": sample_checkerboard,
-            "spiral": sample_spiral, "rings": sample_rings}
+SAMPLERS = {
+    "8gaussians": sample_8gaussians,
+    "checkerboard": sample_checkerboard,
+    "spiral": sample_spiral,
+    "rings": sample_rings,
+}
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model: R independent MLPs evaluated together. A network is a flat list [W0, b0, W1, b1, ...] with
 # W: (R, in, out) and b: (R, 1, out); activations are (R, N, features).
 
 
 def init_mlp(sizes, gens):
-    """PyTorch's default Linear init (U(-1/sqrt(in), 1/sqrt(in)) for weight and bias), one generator per run."""
+    """PyTorch's default Linear init (U(-1/sqrt(in), 1/sqrt(in)) for weight and bias), one generator
+    per run."""
     params = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         bound = 1 / math.sqrt(fan_in)
-        weight = torch.stack([(torch.rand(fan_in, fan_out, generator=g) * 2 - 1) * bound for g in gens])
+        weight = torch.stack(
+            [(torch.rand(fan_in, fan_out, generator=g) * 2 - 1) * bound for g in gens]
+        )
         bias = torch.stack([(torch.rand(1, fan_out, generator=g) * 2 - 1) * bound for g in gens])
         params += [weight, bias]
     return params
 
 
 def mlp(params, x):
-    """x: (R, N, in) -> (R, N, out); ReLU between layers, none after the last."""
+    """x: (R, N, in) -> (R, N, out) float32 (bf16 matmuls under autocast); ReLU between layers."""
     n_layers = len(params) // 2
     for layer in range(n_layers):
         x = torch.baddbmm(params[2 * layer + 1], x, params[2 * layer])
         if layer < n_layers - 1:
             x = torch.relu(x)
-    return x
+    return x.float() if x.dtype == torch.bfloat16 else x  # losses always see fp32 (or fp64)
 
 
 def encode(enc, x):
@@ -185,12 +275,14 @@ def encode(enc, x):
 
 
 def reparameterize(mu, logvar, eps):
+    """z = mu + exp(logvar / 2) * eps with the given standard-normal eps (same shape as mu)."""
     return mu + torch.exp(0.5 * logvar) * eps
 
 
-# ----------------------------------------------------------------------------------------------------
-# Losses: pure functions of tensors. Per-sample inputs are (..., B); betas broadcast against them
+# --------------------------------------------------------------------------------------------------
+# Losses: pure functions of tensors. Per-sample inputs are (..., B); weights broadcast against them
 # ((R, 1) for stacked runs, floats for one run); every loss returns one value per run (...,).
+# The bodies from kl_divergence to as_intro_decoder_loss are identical in as_introvae.py.
 
 
 def sse(x, y):
@@ -199,194 +291,286 @@ def sse(x, y):
 
 
 def kl_divergence(mu, logvar):
-    """Eq. 2 for q = N(mu, exp(logvar)), p = N(0, I): KL_i = -1/2 sum_d (1 + logvar - exp(logvar) - mu^2).
-    (..., B, D) -> (..., B)."""
-    return -0.5 * (1 + logvar - torch.exp(logvar) - mu ** 2).sum(-1)
-
-
-def vae_loss(rec_err, kl, beta_rec, beta_kl):
-    """The negative beta-ELBO of Eq. 1: L = mean_i (beta_rec * SSE_i + beta_kl * KL_i), without s.
-    Also the warm-up loss of the introspective methods."""
-    return (beta_rec * rec_err + beta_kl * kl).mean(-1)
-
-
-def intro_encoder_loss(rec_err, kl_real, kl_rec, kl_fake, margin, beta_rec, beta_kl, beta_neg):
-    """IntroVAE encoder, Eq. 3 with Huang et al.'s weighting, the hinges on batch-mean KLs:
-    L_E = beta_rec mean SSE(x, rec)
-          + beta_kl [mean KL_real + beta_neg/2 (relu(m - mean KL_rec) + relu(m - mean KL_fake))]."""
-    hinges = torch.relu(margin - kl_rec.mean(-1, keepdim=True)) + torch.relu(margin - kl_fake.mean(-1, keepdim=True))
-    return (beta_rec * rec_err + beta_kl * (kl_real + 0.5 * beta_neg * hinges)).mean(-1)
-
-
-def intro_decoder_loss(rec_err, kl_rec, kl_fake, beta_rec, beta_kl):
-    """IntroVAE decoder, Eq. 3: L_D = beta_rec mean SSE(x, rec) + beta_kl/2 (mean KL_rec + mean KL_fake),
-    the KLs from the encoder as updated this iteration."""
-    return (beta_rec * rec_err + 0.5 * beta_kl * (kl_rec + kl_fake)).mean(-1)
-
-
-def as_intro_encoder_loss(rec_err, kl_real, rec_err_r, kl_r, rec_err_f, kl_f, as_dist, c, s, beta_rec, beta_kl,
-                          beta_neg, alpha=2.0):
-    """AS-IntroVAE encoder, Eq. 9; with c = 1 it is Soft-IntroVAE's encoder, Eq. 4 (its Algorithm 1):
-    L_E = s (beta_rec mean SSE(x, rec) + beta_kl mean KL_real)
-          + 1/(2 alpha) sum_{q=r,f} mean_i exp(-alpha s (beta_rec SSE_q,i + beta_neg (c KL_q,i + (1 - c) AS)))
-    SSE_r = SSE(rec, Dec(z_r)), KL_r = KL(E(rec)); likewise f for the generated samples; AS: one value per run."""
-    elbo_r = beta_rec * rec_err_r + beta_neg * (c * kl_r + (1 - c) * as_dist)
-    elbo_f = beta_rec * rec_err_f + beta_neg * (c * kl_f + (1 - c) * as_dist)
-    per_sample = (s * (beta_rec * rec_err + beta_kl * kl_real)
-                  + (0.5 / alpha) * (torch.exp(-alpha * s * elbo_r) + torch.exp(-alpha * s * elbo_f)))
-    return per_sample.mean(-1)
-
-
-def as_intro_decoder_loss(rec_err, kl_r, kl_f, rec_err_rr, rec_err_rf, as_dist, c, s, beta_rec, beta_kl, gamma_r,
-                          variant="paper"):
-    """AS-IntroVAE decoder, Eq. 9 (each KL_q replaced by c KL_q + (1 - c) AS, q = r, f); with c = 1 it is
-    Soft-IntroVAE's decoder, Eq. 4 (its Algorithm 1):
-    L_D = s [beta_rec mean SSE(x, rec) + beta_kl/2 (c (mean KL_r + mean KL_f) + 2 (1 - c) AS)
-             + gamma_r beta_rec/2 (mean SSE(rec, rr) + mean SSE(fake, rf))]
-    variant "official": AS counted once, beta_kl/2 (c (KL_r + KL_f) + (1 - c) AS), as the released code."""
-    as_terms = 2 * (1 - c) * as_dist
-    if variant == "official":
-        # DEVIATION: Eq. 9 sums (1 - c) D over q = r, g (so AS twice; as_introvae.py reads it the same way);
-        # the released code, and the spec's formula, add it once.
-        as_terms = 0.5 * as_terms
-    per_sample = s * (beta_rec * rec_err + 0.5 * beta_kl * (c * (kl_r + kl_f) + as_terms)
-                      + gamma_r * 0.5 * beta_rec * (rec_err_rr + rec_err_rf))
-    return per_sample.mean(-1)
+    """Eq. 2 for q = N(mu, exp(logvar)) and p = N(0, I) (Kingma & Welling, Appendix B):
+    KL_i = -1/2 sum_d (1 + logvar_id - exp(logvar_id) - mu_id^2).  (..., B, D) -> (..., B)."""
+    return -0.5 * (1 + logvar - torch.exp(logvar) - mu**2).sum(-1)
 
 
 def as_distance(mu_a, logvar_a, mu_b, logvar_b, reduction="paper"):
-    """AS-Distance, Eq. 7 with the Gaussian-overlap kernel of Eq. 8, per latent dimension d:
-    k_d(a_i, b_j) = exp(-(mu_a,id - mu_b,jd)^2 / (2 (v_a,id + v_b,jd))) / sqrt(2 pi (v_a,id + v_b,jd)),  v = exp(logvar)
-    AS = sum_d [mean_ij k_d(a_i, a_j) + mean_ij k_d(b_i, b_j) - 2 mean_ij k_d(a_i, b_j)], all B*B pairs,
-       = sum_d integral (p_a,d(u) - p_b,d(u))^2 du, p_.,d the batch mixture's marginal: >= 0, 0 when a = b.
-    reduction "official_sum" / "official_mean": the released code's kernel without 1/sqrt(2 pi) and the SUM / MEAN
-    over all B*B*D terms (its encoder / decoder step). Inputs (..., B, D); returns (...,), one value per batch."""
+    """AS-Distance between two batches of diagonal Gaussians, Eq. 7 with the kernel of Eq. 8:
+    k_d(a_i, b_j) = exp(-(mu_a,id - mu_b,jd)^2 / (2 V)) / sqrt(2 pi V),  V = v_a,id + v_b,jd,
+    v = exp(logvar), the integral of the product of the two 1-D normal densities; over all B*B pairs
+    AS = sum_d [mean_ij k_d(a_i, a_j) + mean_ij k_d(b_i, b_j) - 2 mean_ij k_d(a_i, b_j)]
+       = sum_d integral (p_a,d(u) - p_b,d(u))^2 du  (p_.,d: the batch mixture's marginal in d),
+    so AS >= 0 and AS(a, a) = 0: one value per batch, the paper's per-batch alignment.
+    reduction "official_sum" / "official_mean": the released code's kernel without 1/sqrt(2 pi),
+    SUMMED (its encoder step) / AVERAGED (its decoder step) over all B*B*D terms.
+    mu_a, logvar_a: (..., B, D); mu_b, logvar_b: (..., B', D) -> (...,)."""
+    if reduction not in ("paper", "official_sum", "official_mean"):
+        raise ValueError(
+            f"reduction must be paper, official_sum or official_mean, got {reduction!r}"
+        )
+
     def kernel_reduced(mu_1, var_1, mu_2, var_2):
-        var = var_1.unsqueeze(-2) + var_2.unsqueeze(-3)  # (..., B, B, D)
-        k = torch.exp(-(mu_1.unsqueeze(-2) - mu_2.unsqueeze(-3)) ** 2 / (2 * var))
+        var = var_1.unsqueeze(-2) + var_2.unsqueeze(-3)  # (..., B1, B2, D)
+        k = torch.exp(-((mu_1.unsqueeze(-2) - mu_2.unsqueeze(-3)) ** 2) / (2 * var))
         if reduction == "paper":
             return (k / torch.sqrt(2 * math.pi * var)).mean((-3, -2)).sum(-1)
-        # DEVIATION: released code drops 1/sqrt(2 pi) and sums (encoder) / averages (decoder) all B*B*D terms.
+        # OFFICIAL: no 1/sqrt(2 pi); the encoder step sums, the decoder step averages all terms.
         k = k / torch.sqrt(var)
         return k.sum((-3, -2, -1)) if reduction == "official_sum" else k.mean((-3, -2, -1))
 
-    if reduction not in ("paper", "official_sum", "official_mean"):
-        raise ValueError(f"reduction must be paper, official_sum or official_mean, got {reduction!r}")
     var_a, var_b = torch.exp(logvar_a), torch.exp(logvar_b)
-    return (kernel_reduced(mu_a, var_a, mu_a, var_a) + kernel_reduced(mu_b, var_b, mu_b, var_b)
-            - 2 * kernel_reduced(mu_a, var_a, mu_b, var_b))
+    return (
+        kernel_reduced(mu_a, var_a, mu_a, var_a)
+        + kernel_reduced(mu_b, var_b, mu_b, var_b)
+        - 2 * kernel_reduced(mu_a, var_a, mu_b, var_b)
+    )
 
 
 def annealing_coefficient(t, total, schedule="linear"):
-    """Eq. 9: c = min(5 t / T, 1), t = iteration from 0, T = iterations of the whole run; schedule "tanh":
-    c = tanh(5 t / T), what the released code computes (0.76 at T/5, never exactly 1)."""
+    """Eq. 9's c: "linear" c = min(5 t / T, 1), t = iteration from 0, T = iterations of the run, so
+    training starts all AS-Distance and is plain Soft-IntroVAE from t = T/5 on;
+    "tanh" c = tanh(5 t / T), the released code's schedule (0.76 at T/5, never exactly 1)."""
+    if schedule == "linear":
+        return min(5.0 * t / total, 1.0)
     if schedule == "tanh":
-        # DEVIATION: released code's get_coef(mode='tanh'); the paper states the linear schedule.
-        return math.tanh(5 * t / total)
-    return min(5 * t / total, 1.0)
+        # OFFICIAL: the released code anneals with tanh(5 t / T).
+        return math.tanh(5.0 * t / total)
+    raise ValueError(f"schedule must be linear or tanh, got {schedule!r}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training steps: one per method, each on a group of R stacked runs. x: (R, B, 2); noise: (6, R, B, z),
-# of which a step uses what it needs; hp: per-run betas (R, 1) and the shared scalars. Returns the
-# per-run losses (R,) of the step (non-finite values mark a diverged run).
+def vae_loss(rec_err, kl, *, beta_rec, beta_kl):
+    """The negative beta-ELBO of Eq. 1 without s (also the introspective methods' warm-up loss):
+    L = mean_i (beta_rec SSE_i + beta_kl KL_i).  (..., B) -> (...,)."""
+    return (beta_rec * rec_err + beta_kl * kl).mean(-1)
 
 
-def adam_step(params, loss, *optimizers):
-    """Gradient of the summed per-run losses w.r.t. params only (any other network stays frozen), then a step of
-    each optimizer. Runs have disjoint weights, so the sum's gradient is each run's own gradient; Adam is
-    elementwise."""
-    grads = torch.autograd.grad(loss.sum(), params)
+def intro_encoder_loss(rec_err, kl_real, kl_rec, kl_fake, *, margin, beta_rec, beta_kl, beta_neg):
+    """IntroVAE's encoder loss, Eq. 3 with Huang et al.'s weighting; the hinges act on batch means:
+    L_E = beta_rec mean SSE(x, rec)
+          + beta_kl [mean KL_real + beta_neg/2 (relu(m - mean KL_rec) + relu(m - mean KL_fake))].
+    (..., B) -> (...,)."""
+    hinge_rec = torch.relu(margin - kl_rec.mean(-1, keepdim=True))  # (..., 1)
+    hinge_fake = torch.relu(margin - kl_fake.mean(-1, keepdim=True))
+    per_sample = beta_rec * rec_err + beta_kl * (
+        kl_real + 0.5 * beta_neg * (hinge_rec + hinge_fake)
+    )
+    return per_sample.mean(-1)
+
+
+def intro_decoder_loss(rec_err, kl_rec, kl_fake, *, beta_rec, beta_kl):
+    """IntroVAE's decoder loss, Eq. 3, the KLs from the encoder as updated this iteration:
+    L_D = beta_rec mean SSE(x, rec) + beta_kl/2 (mean KL_rec + mean KL_fake).
+    (..., B) -> (...,)."""
+    return (beta_rec * rec_err + 0.5 * beta_kl * (kl_rec + kl_fake)).mean(-1)
+
+
+def as_intro_encoder_loss(
+    rec_err,
+    kl_real,
+    rec_err_r,
+    kl_r,
+    rec_err_f,
+    kl_f,
+    as_dist,
+    *,
+    c,
+    s,
+    beta_rec,
+    beta_kl,
+    beta_neg,
+    alpha=2.0,
+):
+    """AS-IntroVAE's encoder loss, Eq. 9; with c = 1 it is Soft-IntroVAE's (Eq. 4):
+    L_E = s (beta_rec mean SSE(x, rec) + beta_kl mean KL_real)
+          + 1/(2 alpha) sum_{q=r,f} mean_i exp(-alpha s ELBO_qi),
+    ELBO_qi = beta_rec SSE_qi + beta_neg (c KL_qi + (1 - c) AS)
+    q = r: SSE(rec, Dec(z_r)) and KL(E(rec)); q = f: the same for the generated samples; AS is one
+    value per batch. Per-sample inputs (..., B); as_dist broadcasts against them.
+    Returns (L_E, mean exp-term of r, mean exp-term of f), each (...,)."""
+    exp_r = torch.exp(
+        -alpha * s * (beta_rec * rec_err_r + beta_neg * (c * kl_r + (1 - c) * as_dist))
+    )
+    exp_f = torch.exp(
+        -alpha * s * (beta_rec * rec_err_f + beta_neg * (c * kl_f + (1 - c) * as_dist))
+    )
+    per_sample = s * (beta_rec * rec_err + beta_kl * kl_real) + (0.5 / alpha) * (exp_r + exp_f)
+    return per_sample.mean(-1), exp_r.mean(-1), exp_f.mean(-1)
+
+
+def as_intro_decoder_loss(
+    rec_err,
+    kl_r,
+    kl_f,
+    rec_err_rr,
+    rec_err_rf,
+    as_dist,
+    *,
+    c,
+    s,
+    beta_rec,
+    beta_kl,
+    gamma_r,
+    variant="paper",
+):
+    """AS-IntroVAE's decoder loss, Eq. 9 (each KL_q replaced by c KL_q + (1-c) AS, q = r, g);
+    with c = 1 it is Soft-IntroVAE's (Eq. 4):
+    L_D = s [beta_rec mean SSE(x, rec) + beta_kl/2 (c (mean KL_r + mean KL_f) + 2 (1-c) AS)
+             + gamma_r beta_rec/2 (mean SSE(rec, rr) + mean SSE(fake, rf))]
+    variant "official": AS once, beta_kl/2 (c (KL_r + KL_f) + (1-c) AS).  (..., B) -> (...,)."""
+    # Eq. 9 sums c KL_q + (1 - c) D over q = r, g: the AS-Distance enters once per kind of sample.
+    as_count = 2.0
+    if variant == "official":
+        # OFFICIAL: the released code adds (1 - c) AS once.
+        as_count = 1.0
+    per_sample = s * (
+        beta_rec * rec_err
+        + 0.5 * beta_kl * (c * (kl_r + kl_f) + as_count * (1 - c) * as_dist)
+        + 0.5 * gamma_r * beta_rec * (rec_err_rr + rec_err_rf)
+    )
+    return per_sample.mean(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training steps: one per method, each on a group of R stacked runs. x: (R, B, 2); noise:
+# (6, R, B, z), of which a step uses what it needs; betas (R, 1). Each returns the per-run losses
+# (R,) of its two updates (non-finite values mark a diverged run).
+
+
+def adam_step(params, loss, *optimizers, retain_graph=False):
+    """Gradient of the summed per-run losses w.r.t. params only (any other network stays frozen),
+    left in .grad, then a step of each optimizer. Runs have disjoint weights, so the sum's gradient
+    is each run's own gradient; Adam is elementwise."""
+    grads = torch.autograd.grad(loss.sum(), params, retain_graph=retain_graph)
     for param, grad in zip(params, grads):
         param.grad = grad
     for optimizer in optimizers:
         optimizer.step()
 
 
-def step_vae(enc, dec, opt_enc, opt_dec, x, noise, hp):
+def step_vae(enc, dec, opt_enc, opt_dec, x, noise, *, beta_rec, beta_kl):
     """Plain VAE step (also the warm-up of every method): both networks, one joint loss, no s."""
     mu, logvar = encode(enc, x)
     rec = mlp(dec, reparameterize(mu, logvar, noise[0]))
-    loss = vae_loss(sse(x, rec), kl_divergence(mu, logvar), hp["beta_rec"], hp["beta_kl"])
+    loss = vae_loss(sse(x, rec), kl_divergence(mu, logvar), beta_rec=beta_rec, beta_kl=beta_kl)
     adam_step(enc + dec, loss, opt_enc, opt_dec)
     return loss.detach(), loss.detach()
 
 
-def step_introvae(enc, dec, opt_enc, opt_dec, x, noise, hp):
-    """IntroVAE (Huang et al.): encoder step with the margin hinges, then decoder step through the updated encoder."""
+def step_introvae(enc, dec, opt_enc, opt_dec, x, noise, *, margin, beta_rec, beta_kl, beta_neg):
+    """IntroVAE (Huang et al.): encoder step with the margin hinges, then the decoder step through
+    the updated encoder, on the same z and prior noise."""
     eps_z, eps_p = noise[0], noise[1]
     # ALGO LOGIC: encoder step (decoder frozen)
     mu, logvar = encode(enc, x)
     z = reparameterize(mu, logvar, eps_z)
+    # The decoder is unchanged until its own step, so rec and fake (and their graphs) serve both
+    # steps: the decoder step's gradient reaches only the decoder's weights, as with z.detach().
     rec = mlp(dec, z)
-    with torch.no_grad():
-        fake = mlp(dec, eps_p)
-    mu_r, logvar_r = encode(enc, rec.detach())
-    mu_f, logvar_f = encode(enc, fake)
-    loss_e = intro_encoder_loss(sse(x, rec), kl_divergence(mu, logvar), kl_divergence(mu_r, logvar_r),
-                                kl_divergence(mu_f, logvar_f), hp["margin"], hp["beta_rec"], hp["beta_kl"],
-                                hp["beta_neg"])
-    adam_step(enc, loss_e, opt_enc)
-    # ALGO LOGIC: decoder step (encoder frozen, as just updated); same z and eps_p
-    rec = mlp(dec, z.detach())
     fake = mlp(dec, eps_p)
+    mu_r, logvar_r = encode(enc, rec.detach())
+    mu_f, logvar_f = encode(enc, fake.detach())
+    rec_err = sse(x, rec)
+    loss_e = intro_encoder_loss(
+        rec_err,
+        kl_divergence(mu, logvar),
+        kl_divergence(mu_r, logvar_r),
+        kl_divergence(mu_f, logvar_f),
+        margin=margin,
+        beta_rec=beta_rec,
+        beta_kl=beta_kl,
+        beta_neg=beta_neg,
+    )
+    adam_step(enc, loss_e, opt_enc, retain_graph=True)
+    # ALGO LOGIC: decoder step (encoder frozen, as just updated)
     mu_r, logvar_r = encode(enc, rec)
     mu_f, logvar_f = encode(enc, fake)
-    loss_d = intro_decoder_loss(sse(x, rec), kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f),
-                                hp["beta_rec"], hp["beta_kl"])
+    loss_d = intro_decoder_loss(
+        rec_err,
+        kl_divergence(mu_r, logvar_r),
+        kl_divergence(mu_f, logvar_f),
+        beta_rec=beta_rec,
+        beta_kl=beta_kl,
+    )
     adam_step(dec, loss_d, opt_dec)
     return loss_e.detach(), loss_d.detach()
 
 
-def step_introspective(enc, dec, opt_enc, opt_dec, x, noise, hp, c, variant):
-    """Soft-IntroVAE (c = 1, variant None) or AS-IntroVAE (c from annealing_coefficient, variant paper|official)."""
+def step_introspective(
+    enc, dec, opt_enc, opt_dec, x, noise, *, c, s, beta_rec, beta_kl, beta_neg, gamma_r, variant
+):
+    """Soft-IntroVAE (c = 1, variant None) or AS-IntroVAE (c from annealing_coefficient, variant
+    "paper" | "official"): the encoder step of Eq. 9, then the decoder step."""
     eps_z, eps_p, eps_r, eps_f, eps_rr, eps_ff = noise
     use_as = variant is not None and c < 1.0
     official = variant == "official"
     # ALGO LOGIC: encoder step (decoder frozen)
     mu, logvar = encode(enc, x)
     z = reparameterize(mu, logvar, eps_z)
+    # The decoder is unchanged until its own step, so rec and fake (and their graphs) serve both
+    # steps: the decoder step's gradient reaches only the decoder's weights, as with z.detach().
     rec = mlp(dec, z)
-    with torch.no_grad():
-        fake = mlp(dec, eps_p)
+    fake = mlp(dec, eps_p)
     mu_r, logvar_r = encode(enc, rec.detach())
     rr = mlp(dec, reparameterize(mu_r, logvar_r, eps_r))
-    mu_f, logvar_f = encode(enc, fake)
+    mu_f, logvar_f = encode(enc, fake.detach())
     rf = mlp(dec, reparameterize(mu_f, logvar_f, eps_f))
     as_enc = 0.0
     if use_as and official:
-        # DEVIATION: released code squashes mu, logvar with tanh before the AS-Distance (not before the KLs here).
-        as_enc = as_distance(torch.tanh(mu_r), torch.tanh(logvar_r), torch.tanh(mu_f), torch.tanh(logvar_f),
-                             reduction="official_sum").unsqueeze(-1)
+        # OFFICIAL: tanh on mu, logvar of E(rec), E(fake) before the AS-Distance (not the KLs here).
+        squashed = (torch.tanh(v) for v in (mu_r, logvar_r, mu_f, logvar_f))
+        as_enc = as_distance(*squashed, reduction="official_sum").unsqueeze(-1)  # (R, 1)
     elif use_as:
-        as_enc = as_distance(mu_r, logvar_r, mu_f, logvar_f).unsqueeze(-1)
-    # rec is NOT detached in SSE(rec, rr): that gradient reaches the encoder through z (Soft-IntroVAE does this).
-    loss_e = as_intro_encoder_loss(sse(x, rec), kl_divergence(mu, logvar), sse(rec, rr),
-                                   kl_divergence(mu_r, logvar_r), sse(fake, rf), kl_divergence(mu_f, logvar_f),
-                                   as_enc, c, hp["s"], hp["beta_rec"], hp["beta_kl"], hp["beta_neg"])
-    adam_step(enc, loss_e, opt_enc)
-    # ALGO LOGIC: decoder step (encoder frozen, as just updated); same z and eps_p
-    rec = mlp(dec, z.detach())
-    fake = mlp(dec, eps_p)
+        as_enc = as_distance(mu_r, logvar_r, mu_f, logvar_f).unsqueeze(-1)  # E(rec) vs E(fake)
+    rec_err = sse(x, rec)
+    # rec is NOT detached in SSE(rec, rr): that gradient reaches the encoder through z.
+    loss_e, _, _ = as_intro_encoder_loss(
+        rec_err,
+        kl_divergence(mu, logvar),
+        sse(rec, rr),
+        kl_divergence(mu_r, logvar_r),
+        sse(fake, rf),
+        kl_divergence(mu_f, logvar_f),
+        as_enc,
+        c=c,
+        s=s,
+        beta_rec=beta_rec,
+        beta_kl=beta_kl,
+        beta_neg=beta_neg,
+    )
+    adam_step(enc, loss_e, opt_enc, retain_graph=True)
+    # ALGO LOGIC: decoder step (encoder frozen, as just updated)
     mu_r, logvar_r = encode(enc, rec)
     rr = mlp(dec, reparameterize(mu_r, logvar_r, eps_rr).detach())
     mu_f, logvar_f = encode(enc, fake)
     rf = mlp(dec, reparameterize(mu_f, logvar_f, eps_ff).detach())
     if official:
-        # DEVIATION: released code squashes mu, logvar with tanh before the decoder's KLs and the AS-Distance.
+        # OFFICIAL: tanh on mu, logvar of E(rec), E(fake) before the decoder's KLs and AS-Distance.
         mu_r, logvar_r, mu_f, logvar_f = (torch.tanh(v) for v in (mu_r, logvar_r, mu_f, logvar_f))
     as_dec = 0.0
     if use_as:
-        as_dec = as_distance(mu_r, logvar_r, mu_f, logvar_f,
-                             reduction="official_mean" if official else "paper").unsqueeze(-1)
-    loss_d = as_intro_decoder_loss(sse(x, rec), kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f),
-                                   sse(rec.detach(), rr), sse(fake.detach(), rf), as_dec, c, hp["s"],
-                                   hp["beta_rec"], hp["beta_kl"], hp["gamma_r"], "official" if official else "paper")
+        reduction = "official_mean" if official else "paper"
+        as_dec = as_distance(mu_r, logvar_r, mu_f, logvar_f, reduction=reduction).unsqueeze(-1)
+    loss_d = as_intro_decoder_loss(
+        rec_err,
+        kl_divergence(mu_r, logvar_r),
+        kl_divergence(mu_f, logvar_f),
+        sse(rec.detach(), rr),
+        sse(fake.detach(), rf),
+        as_dec,
+        c=c,
+        s=s,
+        beta_rec=beta_rec,
+        beta_kl=beta_kl,
+        gamma_r=gamma_r,
+        variant="official" if official else "paper",
+    )
     adam_step(dec, loss_d, opt_dec)
     return loss_e.detach(), loss_d.detach()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Runs and groups of stacked runs
 
 
@@ -406,12 +590,13 @@ class RunSpec:
 
 
 class Group:
-    """The runs of one method, stacked: weights, Adam states, per-run generators and hyperparameters."""
+    """The runs of one method, stacked: weights, Adam states, per-run generators and weights, and
+    the coverage trace (modes and paper-KL every trace_every iterations)."""
 
     def __init__(self, method, runs, cfg, device):
-        self.method, self.runs = method, runs
-        self.gens_model = [torch.Generator().manual_seed(3 * r.seed) for r in runs]  # init + training noise
-        self.gens_data = [torch.Generator().manual_seed(3 * r.seed + 1) for r in runs]  # training data
+        self.method, self.runs, self.device = method, runs, device
+        self.gens_model = [torch.Generator().manual_seed(3 * r.seed) for r in runs]  # init + noise
+        self.gens_data = [torch.Generator().manual_seed(3 * r.seed + 1) for r in runs]  # data
         sizes_enc = [X_DIM] + [cfg.hidden] * 4 + [2 * Z_DIM]
         sizes_dec = [Z_DIM] + [cfg.hidden] * 4 + [X_DIM]
         self.enc = [p.to(device).requires_grad_() for p in init_mlp(sizes_enc, self.gens_model)]
@@ -422,17 +607,36 @@ class Group:
         def column(values):
             return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(-1)  # (R, 1)
 
-        self.hp = {"beta_kl": column([r.beta_kl for r in runs]), "beta_rec": column([r.beta_rec for r in runs]),
-                   "beta_neg": column([r.beta_neg for r in runs]), "margin": cfg.margin,
-                   "gamma_r": cfg.gamma_r, "s": 1.0 / X_DIM}
-        self.first_bad = torch.full((len(runs),), -1, dtype=torch.long, device=device)  # first non-finite iter
-        self.device = device
+        self.betas = {
+            "beta_kl": column([r.beta_kl for r in runs]),
+            "beta_rec": column([r.beta_rec for r in runs]),
+            "beta_neg": column([r.beta_neg for r in runs]),
+        }
+        self.margin, self.gamma_r, self.s = cfg.margin, cfg.gamma_r, 1.0 / X_DIM
+        self.first_bad = torch.full((len(runs),), -1, dtype=torch.long, device=device)
+        # Coverage probes: fixed prior draws and real points from their own generators, so tracing
+        # never touches the training streams.
+        gens = [torch.Generator().manual_seed(3 * r.seed + 2) for r in runs]
+        # Drawn as evaluate() draws them, so the record at t = iters equals the final metrics.
+        self.trace_real = [SAMPLERS[r.dataset](cfg.n_eval, g).numpy() for r, g in zip(runs, gens)]
+        for run, g in zip(runs, gens):
+            SAMPLERS[run.dataset](12800, g)
+        self.trace_z = torch.stack([torch.randn(cfg.n_eval, Z_DIM, generator=g) for g in gens])
+        self.trace = []  # [{"t": t, "modes": [R], "kl_paper": [R]}, ...]
 
     def draw_block(self, k, batch_size):
-        """k iterations of data (k, R, B, 2) and noise (k, 6, R, B, z), each run from its own generators."""
-        data = torch.stack([SAMPLERS[r.dataset](k * batch_size, g).view(k, batch_size, X_DIM)
-                            for r, g in zip(self.runs, self.gens_data)], 1)
-        noise = torch.stack([torch.randn(k, 6, batch_size, Z_DIM, generator=g) for g in self.gens_model], 2)
+        """k iterations of data (k, R, B, 2) and noise (k, 6, R, B, z), each run from its own
+        generators."""
+        data = torch.stack(
+            [
+                SAMPLERS[r.dataset](k * batch_size, g).view(k, batch_size, X_DIM)
+                for r, g in zip(self.runs, self.gens_data)
+            ],
+            1,
+        )
+        noise = torch.stack(
+            [torch.randn(k, 6, batch_size, Z_DIM, generator=g) for g in self.gens_model], 2
+        )
         return data.to(self.device), noise.to(self.device)
 
     def set_lr(self, lr):
@@ -441,24 +645,58 @@ class Group:
                 param_group["lr"] = lr
 
     def step(self, t, x, noise, warmup, c, variant):
+        nets = (self.enc, self.dec, self.opt_enc, self.opt_dec, x, noise)
+        b = self.betas
         if self.method == "vae" or t < warmup:
-            losses = step_vae(self.enc, self.dec, self.opt_enc, self.opt_dec, x, noise, self.hp)
+            losses = step_vae(*nets, beta_rec=b["beta_rec"], beta_kl=b["beta_kl"])
         elif self.method == "introvae":
-            losses = step_introvae(self.enc, self.dec, self.opt_enc, self.opt_dec, x, noise, self.hp)
-        elif self.method == "sintrovae":
-            losses = step_introspective(self.enc, self.dec, self.opt_enc, self.opt_dec, x, noise, self.hp, 1.0, None)
+            losses = step_introvae(*nets, margin=self.margin, **b)
         else:
-            losses = step_introspective(self.enc, self.dec, self.opt_enc, self.opt_dec, x, noise, self.hp, c,
-                                        variant)
+            losses = step_introspective(
+                *nets,
+                c=1.0 if self.method == "sintrovae" else c,
+                s=self.s,
+                gamma_r=self.gamma_r,
+                variant=None if self.method == "sintrovae" else variant,
+                **b,
+            )
         bad = ~(torch.isfinite(losses[0]) & torch.isfinite(losses[1]))
-        self.first_bad = torch.where((self.first_bad < 0) & bad, torch.full_like(self.first_bad, t), self.first_bad)
+        self.first_bad = torch.where(
+            (self.first_bad < 0) & bad, torch.full_like(self.first_bad, t), self.first_bad
+        )
+
+    @torch.no_grad()
+    def record_coverage(self, t):
+        """Modes covered and paper-convention KL of cfg.n_eval generated points, per run."""
+        fake = mlp(self.dec, self.trace_z.to(self.device)).cpu().numpy()
+        modes, kls = [], []
+        for run, real, points in zip(self.runs, self.trace_real, fake):
+            if not np.isfinite(points).all():
+                modes.append(None)
+                kls.append(None)
+                continue
+            span = DATASET_PRESETS[run.dataset]["span"]
+            with warnings.catch_warnings():  # a collapse outside the square is a result here
+                warnings.simplefilter("ignore")
+                kl = hist_kl_jsd(real, points, bins=100, span=span, convention="paper")[0]
+            covered = mode_stats(points, run.dataset)[0]
+            modes.append(None if isinstance(covered, float) else covered)
+            kls.append(None if math.isnan(kl) else round(kl, 3))
+        self.trace.append({"t": t, "modes": modes, "kl_paper": kls})
 
     def state(self):
-        return {"method": self.method, "tags": [r.tag for r in self.runs],
-                "enc": [p.detach().cpu() for p in self.enc], "dec": [p.detach().cpu() for p in self.dec],
-                "opt_enc": self.opt_enc.state_dict(), "opt_dec": self.opt_dec.state_dict(),
-                "gens_model": [g.get_state() for g in self.gens_model],
-                "gens_data": [g.get_state() for g in self.gens_data], "first_bad": self.first_bad.cpu()}
+        return {
+            "method": self.method,
+            "tags": [r.tag for r in self.runs],
+            "enc": [p.detach().cpu() for p in self.enc],
+            "dec": [p.detach().cpu() for p in self.dec],
+            "opt_enc": self.opt_enc.state_dict(),
+            "opt_dec": self.opt_dec.state_dict(),
+            "gens_model": [g.get_state() for g in self.gens_model],
+            "gens_data": [g.get_state() for g in self.gens_data],
+            "first_bad": self.first_bad.cpu(),
+            "trace": self.trace,
+        }
 
     def load(self, state):
         with torch.no_grad():
@@ -466,9 +704,11 @@ class Group:
                 param.copy_(saved)
         self.opt_enc.load_state_dict(state["opt_enc"])
         self.opt_dec.load_state_dict(state["opt_dec"])
-        for gen, saved in zip(self.gens_model + self.gens_data, state["gens_model"] + state["gens_data"]):
+        gens = self.gens_model + self.gens_data
+        for gen, saved in zip(gens, state["gens_model"] + state["gens_data"]):
             gen.set_state(saved)
         self.first_bad = state["first_bad"].to(self.device)
+        self.trace = state["trace"]
 
 
 def build_runs(cfg):
@@ -476,98 +716,216 @@ def build_runs(cfg):
     combos = tuple(COMBOS) if cfg.combo == "all" else (cfg.combo,)
     methods = [m for m in METHODS if m in cfg.methods.split(",")]
     seeds = [int(s) for s in cfg.seeds.split(",")]
-    return [RunSpec(d, m, c, seed, *combo_betas(c, d, cfg.mapping))
-            for d in datasets for c in combos for m in methods for seed in seeds]
+    return [
+        RunSpec(d, m, c, seed, *combo_betas(c, d, cfg.mapping))
+        for d in datasets
+        for c in combos
+        for m in methods
+        for seed in seeds
+    ]
 
 
 def build_groups(runs, cfg, device):
-    return [Group(m, [r for r in runs if r.method == m], cfg, device)
-            for m in METHODS if any(r.method == m for r in runs)]
+    return [
+        Group(m, [r for r in runs if r.method == m], cfg, device)
+        for m in METHODS
+        if any(r.method == m for r in runs)
+    ]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loop
+
+
+def autocast(device, precision):
+    """bf16 autocast of the matmuls for --precision bf16; a no-op context for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def checkpoint_config(cfg):
     """The fields a resumed run must share with the run that wrote the checkpoint."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "device", "bench")}
+    skip = ("out", "device", "bench", "ckpt_every", "until")
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
-def save_checkpoint(path, groups, cfg, iteration, train_seconds):
-    """Atomic: write a temporary file, then rename over the old checkpoint."""
+def default_out_dir(cfg):
+    """runs/toy2d_<dataset>_<combo>_s<seeds>_<iters>_<8 hex digits of the flags>: one folder per set
+    of flags, so the same command resumes in its own folder."""
+    flags = json.dumps(checkpoint_config(cfg), sort_keys=True)
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:8]
+    seeds = cfg.seeds.replace(",", "-")
+    return os.path.join("runs", f"toy2d_{cfg.dataset}_{cfg.combo}_s{seeds}_{cfg.iters}_{digest}")
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, fsync, then rename over path (a kill leaves the old file)."""
     tmp = path + ".tmp"
-    torch.save({"config": checkpoint_config(cfg), "iteration": iteration, "train_seconds": train_seconds,
-                "groups": [g.state() for g in groups]}, tmp)
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
+def save_checkpoint(path, groups, cfg, iteration, train_seconds):
+    state = {
+        "config": checkpoint_config(cfg),
+        "iteration": iteration,
+        "train_seconds": train_seconds,
+        "groups": [g.state() for g in groups],
+    }
+    atomic_save(state, path)
+
+
+def phases(cfg):
+    """The run's phases as (name, start, stop): VAE warm-up, AS-Distance active (c < 1), and the
+    adversarial rest. Only AS-IntroVAE steps differ between the last two."""
+    warmup, _ = schedule(cfg.iters, cfg.warmup)
+    warmup = min(warmup, cfg.iters)
+    as_end = cfg.iters if annealing_schedule(cfg) == "tanh" else math.ceil(cfg.iters / 5)
+    as_end = min(max(as_end, warmup), cfg.iters)
+    spans = [
+        ("warm-up", 0, warmup),
+        ("AS active", warmup, as_end),
+        ("adversarial", as_end, cfg.iters),
+    ]
+    return [p for p in spans if p[2] > p[1]]
+
+
 def train(groups, cfg, start, stop, ckpt_path=None, train_seconds=0.0, progress=None):
-    """Iterations start..stop-1 of every group, side by side. Returns the wall seconds spent (cumulative)."""
-    warmup, milestones = schedule(cfg.iters)
+    """Iterations start..stop-1 of every group, side by side, with coverage records every
+    cfg.trace_every iterations. Returns the wall seconds spent (cumulative)."""
+    warmup, milestones = schedule(cfg.iters, cfg.warmup)
+    anneal = annealing_schedule(cfg)
     t, t_ckpt, tic = start, start, time.time()
     while t < stop:
         k = min(BLOCK, stop - t)
         blocks = [g.draw_block(k, cfg.batch_size) for g in groups]
         for i in range(k):
             lr = learning_rate(t, cfg.lr, milestones)
-            c = annealing_coefficient(t, cfg.iters, "tanh" if cfg.variant == "official" else "linear")
-            for g, (data, noise) in zip(groups, blocks):
-                g.set_lr(lr)
-                g.step(t, data[i], noise[i], warmup, c, cfg.variant)
+            c = annealing_coefficient(t, cfg.iters, anneal)
+            with autocast(groups[0].device, cfg.precision):
+                for g, (data, noise) in zip(groups, blocks):
+                    g.set_lr(lr)
+                    g.step(t, data[i], noise[i], warmup, c, cfg.variant)
             t += 1
+        if t % cfg.trace_every == 0 or t == cfg.iters:
+            for g in groups:
+                g.record_coverage(t)
         if progress is not None:
-            progress.update(k)
+            progress.update(t)
         if ckpt_path and (t - t_ckpt >= cfg.ckpt_every or t == stop):
             save_checkpoint(ckpt_path, groups, cfg, t, train_seconds + time.time() - tic)
             t_ckpt = t
     return train_seconds + time.time() - tic
 
 
-def benchmark(groups, cfg, n_iters):
-    """Wall and process-CPU ms per iteration of the post-warm-up (adversarial) step of all groups together.
-    On a shared CPU the wall time depends on the other load; the CPU time much less so."""
-    warmup, _ = schedule(cfg.iters)
-    sync = torch.cuda.synchronize if groups[0].device.type == "cuda" else (lambda: None)
+def phase_costs(groups, cfg, n_iters, warm=2):
+    """Measured wall seconds per iteration of all groups together in each phase of the run:
+    {phase name: seconds}, from n_iters timed steps after `warm` untimed ones, on the given groups
+    (their weights move: pass fresh copies when the run must not notice)."""
+    warmup, _ = schedule(cfg.iters, cfg.warmup)
+    anneal = annealing_schedule(cfg)
+    device = groups[0].device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     blocks = [g.draw_block(1, cfg.batch_size) for g in groups]
-    for i in range(5 + n_iters):
-        if i == 5:
-            sync()
-            tic, tic_cpu = time.perf_counter(), time.process_time()
-        c = annealing_coefficient(warmup + i, cfg.iters, "tanh" if cfg.variant == "official" else "linear")
-        for g, (data, noise) in zip(groups, blocks):
-            g.step(warmup + i, data[0], noise[0], warmup, c, cfg.variant)
-    sync()
-    return 1000 * (time.perf_counter() - tic) / n_iters, 1000 * (time.process_time() - tic_cpu) / n_iters
+    costs = {}
+    for name, begin, end in phases(cfg):
+        t = begin
+        for i in range(warm + n_iters):
+            if i == warm:
+                sync()
+                tic = time.perf_counter()
+            c = annealing_coefficient(t, cfg.iters, anneal)
+            with autocast(device, cfg.precision):
+                for g, (data, noise) in zip(groups, blocks):
+                    g.step(t, data[0], noise[0], warmup, c, cfg.variant)
+        sync()
+        costs[name] = (time.perf_counter() - tic) / n_iters
+    return costs
 
 
-# ----------------------------------------------------------------------------------------------------
+def predicted_seconds(cfg, costs, begin, end):
+    """Seconds for iterations begin..end-1 from the per-phase costs."""
+    return sum(costs[name] * max(0, min(end, b) - max(begin, a)) for name, a, b in phases(cfg))
+
+
+def format_seconds(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class PhaseProgress:
+    """One line on stderr: iteration, phase, rate and an ETA from the per-phase costs, rescaled by
+    how fast the run has actually gone so far."""
+
+    def __init__(self, cfg, costs, start, stop, stream=None, min_interval=1.0):
+        self.cfg, self.costs, self.start, self.stop = cfg, costs, start, stop
+        self.stream = stream if stream is not None else sys.stderr
+        self.tic, self.last, self.min_interval, self.printed = time.time(), 0.0, min_interval, False
+
+    def eta(self, t, elapsed):
+        """Seconds left after iteration t: the predicted cost of t..stop, times how much slower
+        (or faster) than predicted start..t went."""
+        expected = predicted_seconds(self.cfg, self.costs, self.start, t)
+        scale = elapsed / expected if expected > 0 else 1.0
+        return scale * predicted_seconds(self.cfg, self.costs, t, self.stop)
+
+    def update(self, t):
+        now = time.time()
+        if now - self.last < self.min_interval and t < self.stop:
+            return
+        self.last, elapsed = now, now - self.tic
+        eta = self.eta(t, elapsed)
+        phase = next((n for n, a, b in phases(self.cfg) if a <= t < b), "done")
+        rate = (t - self.start) / max(elapsed, 1e-9)
+        self.stream.write(
+            f"\rtoy2d train: {t}/{self.stop} it ({phase}) {rate:.1f} it/s, "
+            f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(eta)}  "
+        )
+        self.stream.flush()
+        self.printed = True
+
+    def close(self):
+        if self.printed:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --------------------------------------------------------------------------------------------------
 # Evaluation
 
 
 def gnelbo_loss(enc, dec, x):
-    """Soft-IntroVAE's evaluation energy L(x) = KL(q(z|x) || N(0, I)) + ||x - Dec(mu(x))||^2 (weights 1, z = mu)."""
+    """Soft-IntroVAE's evaluation energy L(x) = KL(q(z|x) || N(0, I)) + ||x - Dec(mu(x))||^2
+    (weights 1, z = mu)."""
     mu, logvar = encode(enc, x)
     return kl_divergence(mu, logvar) + sse(x, mlp(dec, mu))
 
 
 @torch.no_grad()
 def grid_evaluation(enc, dec, spans, real, grid, pooled):
-    """gnELBO = mean_j L(x_j) / (sum_grid L + sum_j L(x_j)) over real samples x_j (R, N, 2) and the grid x grid
-    points of linspace(-R, R) per run (float64 sums), and exp(-L) on the grid average-pooled to pooled x pooled
-    (image orientation: row 0 = top = +R, column 0 = -R). Evaluated in chunks of grid rows."""
+    """gnELBO = mean_j L(x_j) / (sum_grid L + sum_j L(x_j)) over real samples x_j (R, N, 2) and the
+    grid x grid points of linspace(-R, R) per run (float64 sums), and exp(-L) on the grid
+    average-pooled to pooled x pooled (image orientation: row 0 = top = +R, column 0 = -R).
+    Evaluated in chunks of grid rows."""
     n_runs, device = real.shape[0], real.device
     axis = torch.linspace(-1, 1, grid, device=device)
     pool = grid // pooled
-    rows = max(pool, (2 ** 18 // (n_runs * grid)) // pool * pool)
+    rows = max(pool, (2**18 // (n_runs * grid)) // pool * pool)
     grid_sum = torch.zeros(n_runs, dtype=torch.float64, device=device)
     density = torch.zeros(n_runs, grid, pooled, device=device)  # (R, x index, pooled y)
     for i0 in range(0, grid, rows):
-        xs = axis[i0:i0 + rows]
+        xs = axis[i0 : i0 + rows]
         unit = torch.stack(torch.meshgrid(xs, axis, indexing="ij"), -1).reshape(1, -1, 2)
         loss = gnelbo_loss(enc, dec, unit * spans.view(-1, 1, 1))  # (R, rows*grid)
         grid_sum += loss.double().sum(-1)
-        density[:, i0:i0 + len(xs)] = torch.exp(-loss).view(n_runs, len(xs), pooled, pool).mean(-1)
+        density[:, i0 : i0 + len(xs)] = (
+            torch.exp(-loss).view(n_runs, len(xs), pooled, pool).mean(-1)
+        )
     loss_real = gnelbo_loss(enc, dec, real).double()
     gnelbo = loss_real.mean(-1) / (grid_sum + loss_real.sum(-1))
     density = density.view(n_runs, pooled, pool, pooled).mean(2)  # (R, x, y)
@@ -576,10 +934,11 @@ def grid_evaluation(enc, dec, spans, real, grid, pooled):
 
 def mode_stats(points, dataset):
     """(modes covered, modes in the dataset, high-quality fraction) of generated points (N, 2).
-    8gaussians: a centre is covered when >= 1% of the points lie within 0.1 of it; high quality = within
-    3 noise-sigmas (3*0.02/1.414) of some centre. checkerboard: a square is covered with >= 1% of the points
-    inside it; high quality = inside the support. rings: a circle is covered with >= 1% of the points within
-    3 sigma (0.24) of it; high quality = within 3 sigma of some circle. spiral: not defined (nan)."""
+    8gaussians: a centre is covered when >= 1% of the points lie within 0.1 of it; high quality =
+    within 3 noise-sigmas (3*0.02/1.414) of some centre. checkerboard: a square is covered with
+    >= 1% of the points inside it; high quality = inside the support. rings: a circle is covered
+    with >= 1% of the points within 3 sigma (0.24) of it; high quality = within 3 sigma of some
+    circle. spiral: not defined (nan)."""
     points = np.asarray(points, dtype=np.float64)
     n = len(points)
     if dataset == "8gaussians":
@@ -595,7 +954,8 @@ def mode_stats(points, dataset):
         counts = np.bincount(square[inside].astype(int), minlength=16)
         return int((counts >= 0.01 * n).sum()), 8, float(inside.mean())
     if dataset == "rings":
-        gap = np.abs(np.linalg.norm(points, axis=1)[:, None] - np.array(RING_RADII)[None])  # (N, 4)
+        radius = np.linalg.norm(points, axis=1)
+        gap = np.abs(radius[:, None] - np.array(RING_RADII)[None])  # (N, 4)
         covered = int(((gap < 3 * 0.08).sum(0) >= 0.01 * n).sum())
         return covered, 4, float((gap.min(1) < 3 * 0.08).mean())
     return float("nan"), float("nan"), float("nan")
@@ -609,56 +969,105 @@ def evaluate(groups, cfg, out_dir, train_seconds, failures):
         n_runs, device = len(g.runs), g.device
         gens = [torch.Generator().manual_seed(3 * r.seed + 2) for r in g.runs]
         real_hist = [SAMPLERS[r.dataset](cfg.n_eval, gen).numpy() for r, gen in zip(g.runs, gens)]
-        real_elbo = torch.stack([SAMPLERS[r.dataset](12800, gen) for r, gen in zip(g.runs, gens)]).to(device)
+        real_elbo = torch.stack([SAMPLERS[r.dataset](12800, gen) for r, gen in zip(g.runs, gens)])
         z = torch.stack([torch.randn(cfg.n_eval, Z_DIM, generator=gen) for gen in gens]).to(device)
         spans = torch.tensor([DATASET_PRESETS[r.dataset]["span"] for r in g.runs], device=device)
         with torch.no_grad():
             fake = mlp(g.dec, z).cpu().numpy()
-        gnelbo, density = grid_evaluation(g.enc, g.dec, spans, real_elbo, cfg.grid, min(256, cfg.grid))
+        pooled = min(256, cfg.grid)
+        gnelbo, density = grid_evaluation(
+            g.enc, g.dec, spans, real_elbo.to(device), cfg.grid, pooled
+        )
         seconds = (time.time() - tic) / n_runs
         for i, run in enumerate(g.runs):
             tic = time.time()
             span = DATASET_PRESETS[run.dataset]["span"]
             np.save(os.path.join(out_dir, f"samples_{run.tag}.npy"), fake[i])
-            record = {"dataset": run.dataset, "method": run.method, "combo": run.combo, "variant": cfg.variant,
-                      "mapping": cfg.mapping, "seed": run.seed, "iters": cfg.iters, "beta_kl": run.beta_kl,
-                      "beta_rec": run.beta_rec, "beta_neg": run.beta_neg}
+            record = {
+                "dataset": run.dataset,
+                "method": run.method,
+                "combo": run.combo,
+                "variant": cfg.variant,
+                "mapping": cfg.mapping,
+                "schedule": annealing_schedule(cfg),
+                "warmup": schedule(cfg.iters, cfg.warmup)[0],
+                "precision": cfg.precision,
+                "seed": run.seed,
+                "iters": cfg.iters,
+                "beta_kl": run.beta_kl,
+                "beta_rec": run.beta_rec,
+                "beta_neg": run.beta_neg,
+            }
             if run.method == "introvae":
                 record["margin"] = cfg.margin
             if run.tag in failures:
-                record.update(kl_paper=None, jsd_paper=None, kl=None, jsd=None, gnelbo=None, modes=None,
-                              hq_fraction=None, diverged_at=failures[run.tag])
+                record.update(
+                    kl_paper=None,
+                    jsd_paper=None,
+                    kl=None,
+                    jsd=None,
+                    gnelbo=None,
+                    modes=None,
+                    hq_fraction=None,
+                    diverged_at=failures[run.tag],
+                )
             else:
-                kl_paper, jsd_paper = hist_kl_jsd(real_hist[i], fake[i], bins=100, span=span, convention="paper")
-                kl, jsd = hist_kl_jsd(real_hist[i], fake[i], bins=100, span=span, convention="textbook")
+                kl_paper, jsd_paper = hist_kl_jsd(
+                    real_hist[i], fake[i], bins=100, span=span, convention="paper"
+                )
+                kl, jsd = hist_kl_jsd(
+                    real_hist[i], fake[i], bins=100, span=span, convention="textbook"
+                )
                 modes, n_modes, hq = mode_stats(fake[i], run.dataset)
-                values = dict(kl_paper=kl_paper, jsd_paper=jsd_paper, kl=kl, jsd=jsd, gnelbo=gnelbo[i], modes=modes,
-                              n_modes=n_modes, hq_fraction=hq)
-                # JSON has no NaN: undefined values (no point inside the square, spiral modes) become null
-                record.update({k: None if math.isnan(v) else (v if isinstance(v, int) else float(v))
-                               for k, v in values.items()})
-            title = f"{METHOD_NAMES[run.method]}, {run.combo} ({run.beta_kl:g}, {run.beta_rec:g}, {run.beta_neg:g})"
-            draw_scatter(fake[i], span, title).save(os.path.join(out_dir, f"scatter_{run.tag}.png"))
-            draw_density(density[i], span, title).save(os.path.join(out_dir, f"density_{run.tag}.png"))
+                values = dict(
+                    kl_paper=kl_paper,
+                    jsd_paper=jsd_paper,
+                    kl=kl,
+                    jsd=jsd,
+                    gnelbo=gnelbo[i],
+                    modes=modes,
+                    n_modes=n_modes,
+                    hq_fraction=hq,
+                )
+                # JSON has no NaN: undefined values (nothing inside the square, spiral modes): null
+                record.update(
+                    {
+                        k: None if math.isnan(v) else (v if isinstance(v, int) else float(v))
+                        for k, v in values.items()
+                    }
+                )
+            record["trace"] = [
+                {"t": e["t"], "modes": e["modes"][i], "kl_paper": e["kl_paper"][i]} for e in g.trace
+            ]
+            title = (
+                f"{METHOD_NAMES[run.method]}, {run.combo} "
+                f"({run.beta_kl:g}, {run.beta_rec:g}, {run.beta_neg:g})"
+            )
+            scatter = draw_scatter(fake[i], span, title, real=real_hist[i])
+            scatter.save(os.path.join(out_dir, f"scatter_{run.tag}.png"))
+            draw_density(density[i], span, title).save(
+                os.path.join(out_dir, f"density_{run.tag}.png")
+            )
             record["train_seconds_shared"] = round(train_seconds, 1)
             record["seconds"] = round(train_seconds + seconds + time.time() - tic, 1)
             records.append(record)
     return records
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pictures (Pillow only)
 
 
 def jet(values):
-    """A jet-like colour map: values in [0, 1] (H, W) -> uint8 (H, W, 3), dark blue - cyan - yellow - dark red."""
+    """A jet-like colour map: values in [0, 1] (H, W) -> uint8 (H, W, 3), dark blue - cyan -
+    yellow - dark red."""
     v = np.clip(values, 0, 1)[..., None]
     rgb = np.clip(1.5 - np.abs(4 * v - np.array([3.0, 2.0, 1.0])), 0, 1)
     return (rgb * 255).astype(np.uint8)
 
 
 def frame_panel(body, span, title):
-    """Put an (H, W, 3) uint8 picture of [-span, span]^2 in a frame with a title and axis-range labels."""
+    """Put an (H, W, 3) uint8 picture of [-span, span]^2 in a frame with a title and axis labels."""
     font = ImageFont.load_default()
     height, width = body.shape[:2]
     left, top, bottom, right = 30, 18, 16, 8
@@ -677,16 +1086,26 @@ def frame_panel(body, span, title):
     return panel
 
 
-def draw_scatter(points, span, title, size=220):
-    """Generated points as green dots on [-span, span]^2 (points outside are not drawn)."""
-    body = np.full((size, size, 3), 255, dtype=np.uint8)
+def paint_points(body, points, span, colour, thick):
+    """Dots of (N, 2) points on an (S, S, 3) picture of [-span, span]^2 (outside points skipped)."""
+    size = body.shape[0]
     points = points[np.isfinite(points).all(1)]
     col = np.round((points[:, 0] + span) / (2 * span) * (size - 1)).astype(int)
     row = np.round((span - points[:, 1]) / (2 * span) * (size - 1)).astype(int)
-    for d_row, d_col in ((0, 0), (0, 1), (1, 0), (1, 1)):
+    offsets = ((0, 0), (0, 1), (1, 0), (1, 1)) if thick else ((0, 0),)
+    for d_row, d_col in offsets:
         r, c = row + d_row, col + d_col
         keep = (r >= 0) & (r < size) & (c >= 0) & (c < size)
-        body[r[keep], c[keep]] = (0, 140, 0)
+        body[r[keep], c[keep]] = colour
+
+
+def draw_scatter(points, span, title, size=220, real=None):
+    """Generated points as green dots on [-span, span]^2, over real points (if given) in light grey,
+    so a collapse onto a few modes shows against where the modes are."""
+    body = np.full((size, size, 3), 255, dtype=np.uint8)
+    if real is not None:
+        paint_points(body, np.asarray(real), span, (200, 200, 200), thick=False)
+    paint_points(body, np.asarray(points), span, (0, 140, 0), thick=True)
     return frame_panel(body, span, title)
 
 
@@ -697,7 +1116,7 @@ def draw_density(density, span, title):
 
 
 def draw_overview(panels, header):
-    """Panels as a grid (rows: combos, columns: methods) under a header line; missing cells stay white."""
+    """Panels as a grid (rows: combos, columns: methods) under a header; missing cells white."""
     n_rows, n_cols = len(panels), len(panels[0])
     cell_w = max(p.width for row in panels for p in row if p is not None)
     cell_h = max(p.height for row in panels for p in row if p is not None)
@@ -710,6 +1129,10 @@ def draw_overview(panels, header):
     return sheet
 
 
+def run_tag(record):
+    return f"{record['dataset']}_{record['method']}_{record['combo']}_{record['seed']}"
+
+
 def write_overviews(records, cfg, out_dir):
     """overview_<dataset>_<seed>.png, laid out like the paper's Fig. 3, from the scatter PNGs."""
     for dataset in dict.fromkeys(r["dataset"] for r in records):
@@ -719,30 +1142,156 @@ def write_overviews(records, cfg, out_dir):
             methods = list(dict.fromkeys(r["method"] for r in mine))
             panels = [[None] * len(methods) for _ in combos]
             for r in mine:
-                tag = f"{r['dataset']}_{r['method']}_{r['combo']}_{r['seed']}"
-                panels[combos.index(r["combo"])][methods.index(r["method"])] = Image.open(
-                    os.path.join(out_dir, f"scatter_{tag}.png"))
-            header = (f"{dataset}, seed {seed}, {cfg.iters} iterations, mapping {cfg.mapping}, "
-                      f"AS variant {cfg.variant}; rows: combos, columns: methods")
-            draw_overview(panels, header).save(os.path.join(out_dir, f"overview_{dataset}_{seed}.png"))
+                path = os.path.join(out_dir, f"scatter_{run_tag(r)}.png")
+                panels[combos.index(r["combo"])][methods.index(r["method"])] = Image.open(path)
+            header = (
+                f"{dataset}, seed {seed}, {cfg.iters} iterations, mapping {cfg.mapping}, "
+                f"AS variant {cfg.variant}; rows: combos, columns: methods; grey: real points"
+            )
+            sheet = draw_overview(panels, header)
+            sheet.save(os.path.join(out_dir, f"overview_{dataset}_{seed}.png"))
+
+
+def draw_coverage_panel(record, cfg, width=300, height=150):
+    """Modes covered (blue, left scale 0..n_modes) and paper-KL (red, right scale 0..max) against
+    iteration; warm-up shaded grey, the AS-Distance's active span (AS-IntroVAE) shaded yellow."""
+    font = ImageFont.load_default()
+    left, top, right, bottom = 28, 16, 34, 14
+    panel = Image.new("RGB", (left + width + right, top + height + bottom), "white")
+    draw = ImageDraw.Draw(panel)
+
+    def x_of(t):
+        return left + t / cfg.iters * (width - 1)
+
+    for name, a, b in phases(cfg):
+        if name == "warm-up" or (name == "AS active" and record["method"] == "asintrovae"):
+            fill = (225, 225, 225) if name == "warm-up" else (255, 245, 190)
+            draw.rectangle([x_of(a), top, x_of(b), top + height - 1], fill=fill)
+    draw.rectangle([left - 1, top - 1, left + width, top + height], outline="black")
+    n_modes = record.get("n_modes") or {"rings": 4}.get(record["dataset"], 8)
+    trace = record["trace"]
+    kls = [e["kl_paper"] for e in trace if e["kl_paper"] is not None]
+    kl_top = max(kls) * 1.05 if kls and max(kls) > 0 else 1.0
+    for key, scale, colour in (("modes", n_modes, (0, 60, 200)), ("kl_paper", kl_top, (200, 0, 0))):
+        points = [
+            (x_of(e["t"]), top + (1 - e[key] / scale) * (height - 1))
+            for e in trace
+            if e[key] is not None
+        ]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    draw.text(
+        (left, 2),
+        f"{METHOD_NAMES[record['method']]} {record['combo']} seed {record['seed']}",
+        fill="black",
+        font=font,
+    )
+    draw.text((2, top - 4), f"{n_modes}", fill=(0, 60, 200), font=font)
+    draw.text((2, top + height - 10), "0", fill=(0, 60, 200), font=font)
+    draw.text((left + width + 3, top - 4), f"{kl_top:.0f}", fill=(200, 0, 0), font=font)
+    draw.text((left + width + 3, top + height - 10), "0", fill=(200, 0, 0), font=font)
+    draw.text((left, top + height + 2), f"0 .. {cfg.iters} iterations", fill="black", font=font)
+    return panel
+
+
+def write_coverage(records, cfg, out_dir, per_row=4):
+    """coverage.png: one panel per run (modes and paper-KL against iteration)."""
+    panels = [draw_coverage_panel(r, cfg) for r in records if r["trace"]]
+    if not panels:
+        return
+    rows = [panels[i : i + per_row] for i in range(0, len(panels), per_row)]
+    rows[-1] += [None] * (per_row - len(rows[-1]))
+    header = (
+        "coverage: modes (blue, left) and paper-KL (red, right); grey warm-up, yellow AS active"
+    )
+    draw_overview(rows, header).save(os.path.join(out_dir, "coverage.png"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+
+
+def spread(values):
+    """'mean +- std' (sample std over seeds; the mean alone for one value; NaN if none)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "NaN"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
 def format_table(records):
+    """One line per run."""
+
     def num(value, fmt):
         return "NaN" if value is None else format(value, fmt)
 
-    lines = [f"{'dataset':<12} {'method':<11} {'combo':<5} {'seed':>4} {'KL(paper)':>9} {'JSD(paper)':>10} "
-             f"{'KL':>7} {'JSD':>6} {'gnELBO':>9} {'modes':>5} {'hq':>5} {'seconds':>8}"]
+    lines = [
+        f"{'dataset':<12} {'method':<11} {'combo':<5} {'seed':>4} {'KL(paper)':>9} "
+        f"{'JSD(paper)':>10} {'KL':>7} {'JSD':>6} {'gnELBO':>9} {'modes':>5} {'hq':>5} "
+        f"{'seconds':>8}"
+    ]
     for r in records:
         modes = "-" if r.get("modes") is None else f"{r['modes']}/{r['n_modes']}"
-        lines.append(f"{r['dataset']:<12} {METHOD_NAMES[r['method']]:<11} {r['combo']:<5} {r['seed']:>4} "
-                     f"{num(r['kl_paper'], '9.2f')} {num(r['jsd_paper'], '10.2f')} {num(r['kl'], '7.3f')} "
-                     f"{num(r['jsd'], '6.3f')} {num(r['gnelbo'], '9.2e')} {modes:>5} "
-                     f"{num(r['hq_fraction'], '5.2f')} {r['seconds']:>8.1f}")
+        lines.append(
+            f"{r['dataset']:<12} {METHOD_NAMES[r['method']]:<11} {r['combo']:<5} {r['seed']:>4} "
+            f"{num(r['kl_paper'], '9.2f')} {num(r['jsd_paper'], '10.2f')} {num(r['kl'], '7.3f')} "
+            f"{num(r['jsd'], '6.3f')} {num(r['gnelbo'], '9.2e')} {modes:>5} "
+            f"{num(r['hq_fraction'], '5.2f')} {r['seconds']:>8.1f}"
+        )
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------
+def format_trace(groups):
+    """The coverage trace of every run so far: one line per run, 'modes/paper-KL' per record."""
+    lines = []
+    for g in groups:
+        for i, run in enumerate(g.runs):
+            cells = [f"t={e['t']}: {e['modes'][i]}/{e['kl_paper'][i]}" for e in g.trace]
+            lines.append(f"{run.tag} (modes/paper-KL): " + ", ".join(cells))
+    return "\n".join(lines)
+
+
+def format_seed_table(records):
+    """Markdown: per (dataset, combo, method) mean +- std over seeds of paper-KL, paper-JSD, gnELBO
+    (1e-7 units) and modes, each beside the published value of that cell ('-' where none)."""
+
+    def published(key, dataset, combo, method):
+        value = PAPER.get((dataset, combo), {}).get(key, (None,) * 4)[METHODS.index(method)]
+        if value is None:
+            return "NaN" if key == "kl" and dataset == "checkerboard" and combo != "tuned" else "-"
+        return f"{value:g}"
+
+    lines = [
+        "| dataset | combo | method | seeds | KL ours | KL paper | JSD ours | JSD paper "
+        "| gnELBO ours | gnELBO paper | modes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    cells = dict.fromkeys((r["dataset"], r["combo"], r["method"]) for r in records)
+    for cell in cells:
+        dataset, combo, method = cell
+        mine = [
+            r
+            for r in records
+            if (r["dataset"], r["combo"], r["method"]) == (dataset, combo, method)
+        ]
+        gnelbo = [None if r["gnelbo"] is None else 1e7 * r["gnelbo"] for r in mine]
+        modes = [r["modes"] for r in mine if r["modes"] is not None]
+        n_modes = next((r["n_modes"] for r in mine if r.get("n_modes")), None)
+        mode_text = "-" if not modes else f"{', '.join(map(str, modes))} of {n_modes}"
+        lines.append(
+            f"| {dataset} | {combo} | {METHOD_NAMES[method]} | {len(mine)} "
+            f"| {spread([r['kl_paper'] for r in mine])} | {published('kl', *cell)} "
+            f"| {spread([r['jsd_paper'] for r in mine])} | {published('jsd', *cell)} "
+            f"| {spread(gnelbo)} | {published('gnelbo', *cell)} | {mode_text} |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
 # main
 
 
@@ -753,11 +1302,18 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_config(argv):
-    parser = OneLineParser(description="AS-IntroVAE paper's 2D experiments (see the module docstring).",
-                           allow_abbrev=False)
+    parser = OneLineParser(
+        description="AS-IntroVAE paper's 2D experiments (see the module docstring).",
+        allow_abbrev=False,
+    )
     for f in dataclasses.fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            choices=CHOICES.get(f.name), help=f"{f.metadata['help']} (default {f.default!r})")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            choices=CHOICES.get(f.name),
+            help=f"{f.metadata['help']} (default {f.default!r})",
+        )
     cfg = Config(**vars(parser.parse_args(argv)))
     methods = cfg.methods.split(",")
     if any(m not in METHODS for m in methods):
@@ -768,34 +1324,50 @@ def parse_config(argv):
         parser.error(f"--seeds {cfg.seeds!r}: use a comma list of integers")
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         parser.error(f"--seeds {cfg.seeds!r}: seeds must be distinct and >= 0")
-    for name in ("iters", "batch_size", "hidden", "n_eval", "grid", "ckpt_every"):
+    for name in ("iters", "batch_size", "hidden", "n_eval", "grid", "ckpt_every", "trace_every"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.trace_every % BLOCK:
+        parser.error(f"--trace-every {cfg.trace_every}: use a multiple of {BLOCK}")
+    if cfg.warmup < -1:
+        parser.error(f"--warmup {cfg.warmup}: use -1 (the protocol's share) or a count >= 0")
     if cfg.bench < 0 or cfg.lr <= 0 or cfg.margin < 0 or cfg.gamma_r < 0:
         parser.error("--bench, --margin and --gamma-r must be >= 0 and --lr > 0")
     if cfg.grid % min(256, cfg.grid):
         parser.error(f"--grid {cfg.grid}: use a multiple of 256 (or a value below 256)")
-    if not (cfg.device in ("auto", "cpu", "cuda") or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())):
+    cuda_n = cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()
+    if not (cfg.device in ("auto", "cpu", "cuda") or cuda_n):
         parser.error(f"--device {cfg.device!r}: use auto, cpu, cuda or cuda:N")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {cfg.device}: CUDA is not available on this machine")
     return cfg
 
 
+def describe_costs(costs, unit="ms/it"):
+    return ", ".join(f"{name} {1000 * sec:.1f} {unit}" for name, sec in costs.items())
+
+
 def main(argv=None):
     cfg = parse_config(argv)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
     runs = build_runs(cfg)
     groups = build_groups(runs, cfg, device)
+    layout = ", ".join(f"{g.method} x{len(g.runs)}" for g in groups)
     if cfg.bench:
-        wall_ms, cpu_ms = benchmark(groups, cfg, cfg.bench)
-        print(f"{len(runs)} runs side by side ({', '.join(g.method + ' x' + str(len(g.runs)) for g in groups)}), "
-              f"batch {cfg.batch_size}, {device}, {torch.get_num_threads()} threads: {wall_ms:.1f} ms/iteration "
-              f"wall, {cpu_ms:.1f} ms/iteration process CPU (post-warm-up step, mean of {cfg.bench} after 5 untimed)")
+        costs = phase_costs(groups, cfg, cfg.bench)
+        total = predicted_seconds(cfg, costs, 0, cfg.iters)
+        print(
+            f"{len(runs)} runs side by side ({layout}), batch {cfg.batch_size}, {device}, "
+            f"{cfg.precision}, {torch.get_num_threads()} threads: {describe_costs(costs, 'ms/iteration')} "
+            f"(mean of {cfg.bench} after 2 untimed); projected {cfg.iters} iterations: "
+            f"{format_seconds(total)}"
+        )
         return 0
 
-    out_dir = cfg.out or os.path.join("runs", time.strftime("toy2d-%Y%m%d-%H%M%S"))
+    out_dir = cfg.out or default_out_dir(cfg)
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     start, train_seconds = 0, 0.0
@@ -806,18 +1378,33 @@ def main(argv=None):
             print(f"toy2d.py: error: cannot read checkpoint {ckpt_path}: {err}", file=sys.stderr)
             return 2
         if ckpt.get("config") != checkpoint_config(cfg):
-            print(f"toy2d.py: error: {ckpt_path} was written with other flags; use another --out", file=sys.stderr)
+            print(
+                f"toy2d.py: error: {ckpt_path} was written with other flags; use another --out",
+                file=sys.stderr,
+            )
             return 2
         for g, state in zip(groups, ckpt["groups"]):
             g.load(state)
         start, train_seconds = ckpt["iteration"], ckpt["train_seconds"]
         print(f"resuming from {ckpt_path} at iteration {start}")
 
-    print(f"{len(runs)} runs side by side on {device}, {cfg.iters} iterations -> {out_dir}")
-    progress = Progress(cfg.iters - start, "toy2d train", unit="it") if start < cfg.iters else None
-    train_seconds = train(groups, cfg, start, cfg.iters, ckpt_path, train_seconds, progress)
-    if progress is not None:
+    print(
+        f"{len(runs)} runs side by side ({layout}) on {device}, {cfg.iters} iterations -> {out_dir}"
+    )
+    stop = min(cfg.until, cfg.iters) if cfg.until else cfg.iters
+    if start < stop:
+        costs = phase_costs(build_groups(runs, cfg, device), cfg, n_iters=3, warm=1)
+        expected = predicted_seconds(cfg, costs, start, stop)
+        print(f"expected training time {format_seconds(expected)} ({describe_costs(costs)})")
+        progress = PhaseProgress(cfg, costs, start, stop)
+        train_seconds = train(groups, cfg, start, stop, ckpt_path, train_seconds, progress)
         progress.close()
+    if stop < cfg.iters:
+        print(format_trace(groups))
+        print(
+            f"stopped at iteration {stop} of {cfg.iters}; the same command without --until finishes"
+        )
+        return 0
 
     failures = {}
     for g in groups:
@@ -827,10 +1414,17 @@ def main(argv=None):
                 print(f"{run.tag}: non-finite loss from iteration {bad}; its metrics are NaN")
     records = evaluate(groups, cfg, out_dir, train_seconds, failures)
     write_overviews(records, cfg, out_dir)
+    write_coverage(records, cfg, out_dir)
     with open(os.path.join(out_dir, "results.json.tmp"), "w") as fh:
         json.dump(records, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(os.path.join(out_dir, "results.json.tmp"), os.path.join(out_dir, "results.json"))
+    table = format_seed_table(records)
+    with open(os.path.join(out_dir, "table.md"), "w") as fh:
+        fh.write(table + "\n")
     print(format_table(records))
+    print(table)
     print(f"results in {out_dir} (trained {train_seconds:.0f} s for all {len(runs)} runs together)")
     return 0
 

@@ -60,6 +60,38 @@ def test_spiral_and_rings_shapes_and_structure():
     assert np.std(radius[nearest == 0] - 3.0) == pytest.approx(0.08, rel=0.1)
 
 
+@pytest.mark.parametrize("dataset", toy2d.DATASETS)
+def test_every_training_batch_is_an_iid_draw(dataset):
+    """Each batch of a drawn block looks like the whole data set: its mean lies within 5 standard
+    errors of the pooled mean (a sampler returning one arm of the spiral after the other gave
+    batch means of 0.9 here)."""
+    cfg = toy2d.Config(dataset=dataset, batch_size=512, hidden=8, n_eval=64)
+    run = toy2d.RunSpec(dataset, "vae", "C2", 92, 0.5, 0.1, 0.9)
+    group = toy2d.Group("vae", [run], cfg, torch.device("cpu"))
+    data, _ = group.draw_block(toy2d.BLOCK, 512)  # (50, 1, 512, 2)
+    batches = data[:, 0].double()
+    pooled = batches.reshape(-1, 2)
+    standard_error = pooled.std(0) / math.sqrt(512)
+    deviation = (batches.mean(1) - pooled.mean(0)).abs() / standard_error  # (50, 2)
+    assert deviation.max() < 5, (dataset, deviation.max())
+    # the spread inside every batch is the data set's spread, not one part of it
+    ratio = batches.std(1) / pooled.std(0)
+    assert ((ratio > 0.85) & (ratio < 1.15)).all(), (dataset, ratio.min(), ratio.max())
+
+
+def test_spiral_batch_holds_both_arms_in_equal_shares():
+    """Per point, the arm is a fair coin: a batch of 512 holds 256 +- 3 sigma of each arm."""
+    points = toy2d.sample_spiral(512, gen(4)) * 3
+    # the arm through the positive-x start (-cos(a) a > 0 near a = pi) is the negated copy's mirror:
+    # classify each noisy point by the nearer of the two noise-free arms
+    angle = torch.linspace(0, 3 * math.pi, 4000)
+    arm = torch.stack([-torch.cos(angle) * angle, torch.sin(angle) * angle], 1) + 0.25
+    d_plus = torch.cdist(points, arm).min(1).values
+    d_minus = torch.cdist(points, -arm).min(1).values
+    share = (d_plus < d_minus).double().mean().item()
+    assert abs(share - 0.5) < 3 * math.sqrt(0.25 / 512)
+
+
 def test_mode_stats_hand_cases():
     centres = 2 / 1.414 * np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     points = np.repeat(centres, 100, axis=0)
@@ -83,6 +115,56 @@ def test_annealing_and_learning_rate_schedules():
     assert toy2d.schedule(3000) == (200, (1000, 1500))
     lrs = [toy2d.learning_rate(t, 2e-4, (10000, 15000)) for t in (0, 9999, 10000, 14999, 15000, 29999)]
     assert lrs == pytest.approx([2e-4, 2e-4, 2e-5, 2e-5, 2e-6, 2e-6])
+
+
+def test_phases_and_predicted_time_closed_form():
+    cfg = toy2d.Config()
+    assert toy2d.phases(cfg) == [("warm-up", 0, 2000), ("AS active", 2000, 6000),
+                                 ("adversarial", 6000, 30000)]
+    costs = {"warm-up": 1.0, "AS active": 2.0, "adversarial": 3.0}
+    assert toy2d.predicted_seconds(cfg, costs, 0, 30000) == 2000 + 2 * 4000 + 3 * 24000
+    assert toy2d.predicted_seconds(cfg, costs, 1000, 7000) == 1000 + 2 * 4000 + 3 * 1000
+    assert toy2d.phases(toy2d.Config(schedule="tanh")) == [("warm-up", 0, 2000),
+                                                          ("AS active", 2000, 30000)]
+    assert toy2d.phases(toy2d.Config(variant="official"))[-1] == ("AS active", 2000, 30000)
+    assert toy2d.phases(toy2d.Config(warmup=0))[0] == ("AS active", 0, 6000)
+    assert toy2d.schedule(1500) == (100, (500, 750)) and toy2d.schedule(1500, 0)[0] == 0
+
+
+def test_eta_follows_the_phases_and_the_measured_pace():
+    cfg = toy2d.Config()
+    costs = {"warm-up": 0.02, "AS active": 0.2, "adversarial": 0.1}
+    progress = toy2d.PhaseProgress(cfg, costs, 0, 30000)
+    # at the predicted pace, after the warm-up: the AS span and the adversarial rest remain
+    assert progress.eta(2000, elapsed=40.0) == pytest.approx(4000 * 0.2 + 24000 * 0.1)
+    # twice slower than predicted so far: the rest is expected twice slower too
+    assert progress.eta(2000, elapsed=80.0) == pytest.approx(2 * (4000 * 0.2 + 24000 * 0.1))
+    resumed = toy2d.PhaseProgress(cfg, costs, 6000, 30000)
+    assert resumed.eta(18000, elapsed=1200.0) == pytest.approx(12000 * 0.1)
+
+
+def test_annealing_schedule_flag_and_unknown_schedule():
+    assert toy2d.annealing_schedule(toy2d.Config()) == "linear"
+    assert toy2d.annealing_schedule(toy2d.Config(variant="official")) == "tanh"
+    assert toy2d.annealing_schedule(toy2d.Config(schedule="tanh")) == "tanh"
+    assert toy2d.annealing_schedule(toy2d.Config(variant="official", schedule="linear")) == "linear"
+    with pytest.raises(ValueError, match="schedule"):
+        toy2d.annealing_coefficient(10, 100, "cosine")
+
+
+def test_bf16_autocast_changes_only_the_matmul_precision():
+    """--precision bf16: the MLP returns float32 close to the fp32 result (bf16 has 8 bits of
+    mantissa), and losses stay float32."""
+    params = toy2d.init_mlp([2, 64, 64, 4], [gen(3)])
+    x = toy2d.sample_8gaussians(256, gen(4))[None]
+    exact = toy2d.mlp(params, x)
+    with toy2d.autocast(torch.device("cpu"), "bf16"):
+        low = toy2d.mlp(params, x)
+    assert low.dtype == torch.float32
+    assert not torch.equal(low, exact)
+    assert (low - exact).abs().max() < 0.05 * exact.abs().max()
+    with toy2d.autocast(torch.device("cpu"), "fp32"):
+        assert torch.equal(toy2d.mlp(params, x), exact)
 
 
 def test_combo_mappings():
@@ -161,12 +243,20 @@ def test_sse_and_kl_by_hand():
 def test_vae_and_introvae_losses_by_hand():
     sse_real, kl_real = T(0.0, 1.0), T(0.0, 0.5)
     # 0.5 * [0, 1] + 2 * [0, 0.5] = [0, 1.5] -> 0.75
-    assert toy2d.vae_loss(sse_real, kl_real, 0.5, 2.0).item() == pytest.approx(0.75)
+    assert toy2d.vae_loss(sse_real, kl_real, beta_rec=0.5, beta_kl=2.0).item() == pytest.approx(0.75)
+    # B = 3: 0.5 * [0, 1, 2] + 2 * [1, 0, 0.5] = [2, 0.5, 2] -> mean 1.5 (a sum would give 4.5)
+    loss = toy2d.vae_loss(T(0.0, 1.0, 2.0), T(1.0, 0.0, 0.5), beta_rec=0.5, beta_kl=2.0)
+    assert loss.item() == pytest.approx(1.5)
     kl_r, kl_f = T(1.0, 3.0), T(4.0, 6.0)  # batch means 2 and 5; margin 3 -> hinges 1 and 0
     # 0.5 * 0.5 + 2 * (0.25 + 0.5 * 1 * (1 + 0)) = 1.75
-    assert toy2d.intro_encoder_loss(sse_real, kl_real, kl_r, kl_f, 3.0, 0.5, 2.0, 1.0).item() == pytest.approx(1.75)
+    hp = dict(margin=3.0, beta_rec=0.5, beta_kl=2.0, beta_neg=1.0)
+    assert toy2d.intro_encoder_loss(sse_real, kl_real, kl_r, kl_f, **hp).item() == pytest.approx(1.75)
+    # beta_neg 0.5: 0.25 + 2 * (0.25 + 0.25 * 1) = 1.25
+    hp["beta_neg"] = 0.5
+    assert toy2d.intro_encoder_loss(sse_real, kl_real, kl_r, kl_f, **hp).item() == pytest.approx(1.25)
     # 0.5 * 0.5 + 0.5 * 2 * (2 + 5) = 7.25
-    assert toy2d.intro_decoder_loss(sse_real, kl_r, kl_f, 0.5, 2.0).item() == pytest.approx(7.25)
+    dec = toy2d.intro_decoder_loss(sse_real, kl_r, kl_f, beta_rec=0.5, beta_kl=2.0)
+    assert dec.item() == pytest.approx(7.25)
 
 
 def test_soft_and_as_losses_by_hand():
@@ -174,36 +264,62 @@ def test_soft_and_as_losses_by_hand():
     args = dict(rec_err=T(0.0, 1.0), kl_real=T(0.0, 0.5), rec_err_r=T(1.0, 0.0), kl_r=T(0.0, 1.0),
                 rec_err_f=T(0.0, 2.0), kl_f=T(1.0, 1.0), beta_rec=1.0, beta_kl=1.0, beta_neg=1.0, s=0.5)
     # c = 1 (Soft-IntroVAE): 0.5 * (0.5 + 0.25) + 0.25 * (mean[e^-1, e^-1] + mean[e^-1, e^-3])
-    soft = toy2d.as_intro_encoder_loss(as_dist=123.0, c=1.0, **args).item()
-    assert soft == pytest.approx(0.375 + 0.375 / e + 0.125 / e ** 3)
+    soft, exp_r, exp_f = toy2d.as_intro_encoder_loss(as_dist=123.0, c=1.0, **args)
+    assert soft.item() == pytest.approx(0.375 + 0.375 / e + 0.125 / e ** 3)
+    assert (exp_r.item(), exp_f.item()) == pytest.approx((1 / e, 0.5 / e + 0.5 / e ** 3))
     # c = 0.5, AS = 2: exponents r [2, 1.5], f [1.5, 3.5]
-    mixed = toy2d.as_intro_encoder_loss(as_dist=2.0, c=0.5, **args).item()
+    mixed = toy2d.as_intro_encoder_loss(as_dist=2.0, c=0.5, **args)[0].item()
     assert mixed == pytest.approx(0.375 + 0.125 * (e ** -2 + 2 * e ** -1.5 + e ** -3.5))
+    # weights other than 1 (beta_rec 0.5, beta_kl 2, beta_neg 0.25), c = 0.5, AS = 2:
+    # real term s * (0.5 [0, 1] + 2 [0, 0.5]) = [0, 0.75]; ELBO_r = [0.75, 0.375], ELBO_f = [0.375, 1.375]
+    args.update(beta_rec=0.5, beta_kl=2.0, beta_neg=0.25)
+    weighted = toy2d.as_intro_encoder_loss(as_dist=2.0, c=0.5, **args)[0].item()
+    assert weighted == pytest.approx(0.375 + 0.125 * (e ** -0.75 + 2 * e ** -0.375 + e ** -1.375))
     dec = dict(rec_err=T(0.0, 1.0), kl_r=T(0.0, 1.0), kl_f=T(1.0, 1.0), rec_err_rr=T(2.0, 0.0),
                rec_err_rf=T(0.0, 4.0), beta_rec=1.0, beta_kl=1.0, gamma_r=0.1, s=0.5)
     # paper (Eq. 9, AS once per q = r, f): 0.5 * (0.5 + 0.5 * (0.5 * (0.5 + 1) + 2 * 0.5 * 2) + 0.1 * 0.5 * (1 + 2))
     assert toy2d.as_intro_decoder_loss(as_dist=2.0, c=0.5, **dec).item() == pytest.approx(1.0125)
     # official (AS once in all): 0.5 * (0.5 + 0.5 * (0.5 * (0.5 + 1) + 0.5 * 2) + 0.15) = 0.7625
-    assert toy2d.as_intro_decoder_loss(as_dist=2.0, c=0.5, variant="official", **dec).item() == pytest.approx(0.7625)
+    official = toy2d.as_intro_decoder_loss(as_dist=2.0, c=0.5, variant="official", **dec)
+    assert official.item() == pytest.approx(0.7625)
     # c = 1 (Soft-IntroVAE), either variant: 0.5 * (0.5 + 0.5 * 1.5 + 0.15) = 0.7
     assert toy2d.as_intro_decoder_loss(as_dist=2.0, c=1.0, **dec).item() == pytest.approx(0.7)
+    # weights other than 1 (beta_rec 0.5, beta_kl 2): per sample
+    # 0.5 * (0.5 [0, 1] + (0.5 [1, 2] + 2 (1 - c) AS) + 0.025 [2, 4]) = [1.275, 1.8] -> 1.5375
+    dec.update(beta_rec=0.5, beta_kl=2.0)
+    assert toy2d.as_intro_decoder_loss(as_dist=2.0, c=0.5, **dec).item() == pytest.approx(1.5375)
+    # official, AS once: 0.5 * ([0, 0.5] + [1.5, 2] + [0.05, 0.1]) = [0.775, 1.3] -> 1.0375
+    official = toy2d.as_intro_decoder_loss(as_dist=2.0, c=0.5, variant="official", **dec)
+    assert official.item() == pytest.approx(1.0375)
 
 
 def test_losses_keep_runs_apart():
     """Stacked (R, B) inputs with (R, 1) betas give each run its own loss, as if computed alone."""
     torch.manual_seed(1)
     per = [torch.rand(3, 4, dtype=torch.float64) for _ in range(6)]
-    betas = [torch.rand(3, 1, dtype=torch.float64) for _ in range(3)]
+    names = ("beta_rec", "beta_kl", "beta_neg")
+    betas = {k: torch.rand(3, 1, dtype=torch.float64) for k in names}
     as_dist = torch.rand(3, 1, dtype=torch.float64)
-    stacked = toy2d.as_intro_encoder_loss(*per, as_dist, 0.3, 0.5, *betas)
+    stacked = toy2d.as_intro_encoder_loss(*per, as_dist, c=0.3, s=0.5, **betas)[0]
     for r in range(3):
-        alone = toy2d.as_intro_encoder_loss(*(p[r] for p in per), as_dist[r, 0].item(), 0.3, 0.5,
-                                            *(b[r, 0].item() for b in betas))
+        alone = toy2d.as_intro_encoder_loss(*(p[r] for p in per), as_dist[r, 0].item(), c=0.3, s=0.5,
+                                            **{k: b[r, 0].item() for k, b in betas.items()})[0]
         assert stacked[r].item() == pytest.approx(alone.item(), rel=1e-12)
-    hinge = toy2d.intro_encoder_loss(per[0], per[1], per[2], per[3], 1.0, *betas)
-    alone = toy2d.intro_encoder_loss(per[0][2], per[1][2], per[2][2], per[3][2], 1.0,
-                                     *(b[2, 0].item() for b in betas))
+    hinge = toy2d.intro_encoder_loss(per[0], per[1], per[2], per[3], margin=1.0, **betas)
+    alone = toy2d.intro_encoder_loss(per[0][2], per[1][2], per[2][2], per[3][2], margin=1.0,
+                                     **{k: b[2, 0].item() for k, b in betas.items()})
     assert hinge.shape == (3,) and hinge[2].item() == pytest.approx(alone.item(), rel=1e-12)
+
+
+def test_loss_weights_are_keyword_only():
+    """A swapped pair of weights cannot run silently: every scalar weight must be named."""
+    x = T(0.0, 1.0)
+    with pytest.raises(TypeError):
+        toy2d.vae_loss(x, x, 0.5, 2.0)
+    with pytest.raises(TypeError):
+        toy2d.as_intro_encoder_loss(x, x, x, x, x, x, 0.0, 1.0, 0.5, 1.0, 1.0, 1.0)
+    with pytest.raises(TypeError):
+        toy2d.as_intro_decoder_loss(x, x, x, x, x, 0.0, 1.0, 0.5, 1.0, 1.0, 0.1)
 
 
 # ---------------------------------------------------------------------------------------------------- steps
@@ -275,27 +391,108 @@ def reference_introspective_step(enc, dec, x, noise, beta_rec, beta_kl, beta_neg
     loss_d.backward()
     opt_d.step()
     enc.requires_grad_(True)
+    return loss_e.detach(), loss_d.detach()
+
+
+def linear_tensors(module, attr):
+    """(weight^T, bias) of each nn.Linear, or their .grad, in toy2d's flat [W0, b0, ...] order."""
+    out = []
+    for layer in module:
+        if isinstance(layer, torch.nn.Linear):
+            weight, bias = getattr(layer.weight, attr), getattr(layer.bias, attr)
+            out += [weight.detach().T, bias.detach()]
+    return out
+
+
+def tiny_pair(seed=5):
+    gens = [gen(seed)]
+    enc = [p.double().requires_grad_() for p in toy2d.init_mlp([2, 8, 8, 4], gens)]
+    dec = [p.double().requires_grad_() for p in toy2d.init_mlp([2, 8, 8, 2], gens)]
+    return enc, dec, torch_mlp(enc).double(), torch_mlp(dec).double()
+
+
+def assert_steps_agree(enc, dec, ref_enc, ref_dec, ours, theirs):
+    """Returned losses, the gradient of every parameter (left in .grad by each network's own
+    update) and the parameters after the step, all to float64 rounding."""
+    assert torch.allclose(ours[0][0], theirs[0], rtol=1e-12, atol=0)
+    assert torch.allclose(ours[1][0], theirs[1], rtol=1e-12, atol=0)
+    for mine, ref in zip(enc + dec, linear_tensors(ref_enc, "grad") + linear_tensors(ref_dec, "grad")):
+        assert torch.allclose(mine.grad[0], ref.reshape(mine.shape[1:]), rtol=1e-9, atol=1e-15)
+    for mine, ref in zip(enc + dec, linear_tensors(ref_enc, "data") + linear_tensors(ref_dec, "data")):
+        assert torch.allclose(mine[0].detach(), ref.reshape(mine.shape[1:]), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("c, variant", [(1.0, None), (0.4, "paper"), (0.4, "official")])
 def test_introspective_step_matches_reference(c, variant):
-    gens = [gen(5)]
-    enc = [p.double().requires_grad_() for p in toy2d.init_mlp([2, 8, 8, 4], gens)]
-    dec = [p.double().requires_grad_() for p in toy2d.init_mlp([2, 8, 8, 2], gens)]
-    ref_enc, ref_dec = torch_mlp(enc).double(), torch_mlp(dec).double()
+    enc, dec, ref_enc, ref_dec = tiny_pair()
     x = toy2d.sample_8gaussians(16, gen(6)).double()
     noise = torch.randn(6, 16, 2, generator=gen(7), dtype=torch.float64)
-    hp = {"beta_rec": 0.2, "beta_kl": 0.3, "beta_neg": 0.9, "gamma_r": 0.05, "s": 0.5}
     opt_enc, opt_dec = torch.optim.Adam(enc, lr=1e-3), torch.optim.Adam(dec, lr=1e-3)
-    toy2d.step_introspective(enc, dec, opt_enc, opt_dec, x[None], noise[:, None], hp, c, variant)
-    reference_introspective_step(ref_enc, ref_dec, x, noise, 0.2, 0.3, 0.9, 0.05, c, variant)
-    ours = [p[0].detach() for p in enc + dec]
-    theirs = [q for m in (ref_enc, ref_dec) for layer in m if isinstance(layer, torch.nn.Linear)
-              for q in (layer.weight.detach().T, layer.bias.detach())]
-    before = toy2d.init_mlp([2, 8, 8, 4], [gen(5)]) + toy2d.init_mlp([2, 8, 8, 2], [gen(5)])
-    for mine, ref, init in zip(ours, theirs, before):
-        assert torch.allclose(mine, ref.reshape(mine.shape), atol=1e-10)
-        assert not torch.allclose(mine, init[0].double().reshape(mine.shape))  # every tensor moved
+    ours = toy2d.step_introspective(enc, dec, opt_enc, opt_dec, x[None], noise[:, None], c=c, s=0.5,
+                                    beta_rec=0.2, beta_kl=0.3, beta_neg=0.9, gamma_r=0.05,
+                                    variant=variant)
+    theirs = reference_introspective_step(ref_enc, ref_dec, x, noise, 0.2, 0.3, 0.9, 0.05, c, variant)
+    assert_steps_agree(enc, dec, ref_enc, ref_dec, ours, theirs)
+
+
+def reference_introvae_step(enc, dec, x, noise, margin, beta_rec, beta_kl, beta_neg):
+    """IntroVAE iteration written the usual way (requires_grad toggling, .backward())."""
+    eps_z, eps_p = noise[0], noise[1]
+    opt_e, opt_d = torch.optim.Adam(enc.parameters(), lr=1e-3), torch.optim.Adam(dec.parameters(), lr=1e-3)
+    kl = toy2d.kl_divergence
+
+    def enc_fn(v):
+        return enc(v).chunk(2, -1)
+
+    dec.requires_grad_(False)
+    mu, lv = enc_fn(x)
+    z = mu + torch.exp(0.5 * lv) * eps_z
+    rec = dec(z)
+    fake = dec(eps_p)
+    kl_r, kl_f = kl(*enc_fn(rec.detach())), kl(*enc_fn(fake.detach()))
+    hinges = torch.relu(margin - kl_r.mean()) + torch.relu(margin - kl_f.mean())
+    loss_e = beta_rec * ((x - rec) ** 2).sum(1).mean() + beta_kl * (kl(mu, lv).mean() + 0.5 * beta_neg * hinges)
+    opt_e.zero_grad()
+    loss_e.backward()
+    opt_e.step()
+    dec.requires_grad_(True)
+    enc.requires_grad_(False)
+    rec = dec(z.detach())
+    fake = dec(eps_p)
+    loss_d = (beta_rec * ((x - rec) ** 2).sum(1).mean()
+              + 0.5 * beta_kl * (kl(*enc_fn(rec)).mean() + kl(*enc_fn(fake)).mean()))
+    opt_d.zero_grad()
+    loss_d.backward()
+    opt_d.step()
+    enc.requires_grad_(True)
+    return loss_e.detach(), loss_d.detach()
+
+
+@pytest.mark.parametrize("margin", [0.0, 50.0])  # hinges off / on
+def test_introvae_step_matches_reference(margin):
+    enc, dec, ref_enc, ref_dec = tiny_pair(seed=8)
+    x = toy2d.sample_8gaussians(16, gen(6)).double()
+    noise = torch.randn(6, 16, 2, generator=gen(7), dtype=torch.float64)
+    opt_enc, opt_dec = torch.optim.Adam(enc, lr=1e-3), torch.optim.Adam(dec, lr=1e-3)
+    ours = toy2d.step_introvae(enc, dec, opt_enc, opt_dec, x[None], noise[:, None], margin=margin,
+                               beta_rec=0.2, beta_kl=0.3, beta_neg=0.9)
+    theirs = reference_introvae_step(ref_enc, ref_dec, x, noise, margin, 0.2, 0.3, 0.9)
+    assert_steps_agree(enc, dec, ref_enc, ref_dec, ours, theirs)
+
+
+def test_vae_step_gradient_is_the_joint_loss_gradient():
+    enc, dec, ref_enc, ref_dec = tiny_pair(seed=9)
+    x = toy2d.sample_8gaussians(16, gen(6)).double()
+    noise = torch.randn(6, 16, 2, generator=gen(7), dtype=torch.float64)
+    opt_enc, opt_dec = torch.optim.Adam(enc, lr=1e-3), torch.optim.Adam(dec, lr=1e-3)
+    ours = toy2d.step_vae(enc, dec, opt_enc, opt_dec, x[None], noise[:, None], beta_rec=0.2, beta_kl=0.3)
+    mu, lv = ref_enc(x).chunk(2, -1)
+    rec = ref_dec(mu + torch.exp(0.5 * lv) * noise[0])
+    loss = (0.2 * ((x - rec) ** 2).sum(1) + 0.3 * toy2d.kl_divergence(mu, lv)).mean()
+    loss.backward()
+    for mine, ref in zip(enc + dec, linear_tensors(ref_enc, "grad") + linear_tensors(ref_dec, "grad")):
+        assert torch.allclose(mine.grad[0], ref.reshape(mine.shape[1:]), rtol=1e-9, atol=1e-15)
+    assert torch.allclose(ours[0][0], loss.detach(), rtol=1e-12, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------- batching

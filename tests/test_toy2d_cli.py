@@ -1,5 +1,6 @@
 """toy2d.py through its command line: a tiny full run, resume, and one-line rejection of bad flags."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -67,6 +68,82 @@ def test_checkpoint_from_other_flags_is_refused(smoke, capsys):
     assert len(lines) == 1 and "other flags" in lines[0]
 
 
+def test_trace_table_and_coverage(smoke):
+    """Coverage is recorded at every block end of --trace-every (and at the end); the record at
+    t = iters is the final evaluation itself (same points, same histogram)."""
+    out, _ = smoke
+    records = json.loads((out / "results.json").read_text())
+    for r in records:
+        assert [e["t"] for e in r["trace"]] == [12]  # trace_every 1000 > iters: only the end
+        assert r["trace"][-1]["modes"] == r["modes"]
+        assert r["trace"][-1]["kl_paper"] == pytest.approx(round(r["kl_paper"], 3), abs=1e-12)
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0].startswith("| dataset | combo | method | seeds | KL ours | KL paper |")
+    as_row = next(line for line in table if "| AS-IntroVAE |" in line)
+    assert "| 1.3 |" in as_row and "| 4.4 |" in as_row  # the paper's Table 1, column C2
+    with Image.open(out / "coverage.png") as image:
+        assert image.width > 300 and image.height > 150
+
+
+def test_killed_run_resumes_mid_training_and_ends_as_an_unbroken_run(tmp_path, monkeypatch, capsys):
+    """A kill after the first checkpoint (iteration 50 of 150), then the same command: the
+    resumed run trains 100 more iterations and ends bit-identical to a run never stopped."""
+    args = ["--combo", "C2", "--methods", "sintrovae,asintrovae", "--iters", "150",
+            "--batch-size", "16", "--hidden", "8", "--n-eval", "200", "--grid", "32",
+            "--trace-every", "50", "--ckpt-every", "50"]
+    assert toy2d_module.main(args + ["--out", str(tmp_path / "straight")]) == 0
+    real_train = toy2d_module.train
+
+    def killed_after_first_checkpoint(groups, cfg, start, stop, *rest, **kw):
+        real_train(groups, cfg, start, 50, *rest, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toy2d_module, "train", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        toy2d_module.main(args + ["--out", str(tmp_path / "killed")])
+    monkeypatch.setattr(toy2d_module, "train", real_train)
+    capsys.readouterr()
+    assert toy2d_module.main(args + ["--out", str(tmp_path / "killed")]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
+    for a, b in zip(straight, resumed):
+        assert [e["t"] for e in b["trace"]] == [50, 100, 150]
+        for key in ("kl_paper", "jsd_paper", "gnelbo", "modes", "trace"):
+            assert a[key] == b[key], key
+
+
+def test_default_folder_is_named_from_the_flags(tmp_path, monkeypatch, capsys):
+    """Without --out the same command finds its own folder again; other flags get another one."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--combo", "C2", "--methods", "asintrovae", "--iters", "50", "--batch-size", "16",
+            "--hidden", "8", "--n-eval", "100", "--grid", "16", "--trace-every", "50"]
+    assert toy2d_module.main(args) == 0
+    folders = list((tmp_path / "runs").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("toy2d_8gaussians_C2_s92_50_")
+    capsys.readouterr()
+    assert toy2d_module.main(args) == 0
+    assert "at iteration 50" in capsys.readouterr().out
+    assert toy2d_module.main(args + ["--warmup", "0"]) == 0
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+    cfg = toy2d_module.parse_config(args + ["--ckpt-every", "100", "--device", "cpu"])
+    assert toy2d_module.default_out_dir(cfg) == os.path.join("runs", folders[0].name)
+
+
+def test_until_stops_early_and_the_same_command_finishes(tmp_path, capsys):
+    args = ["--combo", "C2", "--methods", "asintrovae", "--iters", "100", "--batch-size", "16",
+            "--hidden", "8", "--n-eval", "100", "--grid", "16", "--trace-every", "50",
+            "--out", str(tmp_path / "run")]
+    assert toy2d_module.main(args + ["--until", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "t=50:" in out and "stopped at iteration 50 of 100" in out
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert toy2d_module.main(args) == 0
+    assert "at iteration 50" in capsys.readouterr().out
+    records = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [e["t"] for e in records[0]["trace"]] == [50, 100]
+
+
 def test_bad_flag_through_the_real_command_line():
     result = toy2d("--combo", "C4")
     assert result.returncode == 2
@@ -83,6 +160,10 @@ def test_bad_flag_through_the_real_command_line():
     (["--comb", "C1"], "--comb"),
     (["--grid", "1000"], "--grid"),
     (["--iters", "0"], "--iters"),
+    (["--trace-every", "70"], "--trace-every"),
+    (["--warmup", "-5"], "--warmup"),
+    (["--precision", "fp16"], "--precision"),
+    (["--schedule", "cosine"], "--schedule"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
 def test_bad_flags_get_one_line_and_exit_2(args, word, capsys):
     with pytest.raises(SystemExit) as stop:
