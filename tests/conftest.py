@@ -1,5 +1,6 @@
 """Shared test plumbing: the three top-level scripts importable from any working directory, and the
 fixtures several test files use (plain helper functions live in helpers.py)."""
+
 import os
 import sys
 
@@ -13,7 +14,8 @@ if ROOT not in sys.path:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a shared CPU (and keeps runs reproducible)."""
+    """Tiny tensors: one thread is faster than two contending for a busy CPU (and keeps runs
+    reproducible)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -22,5 +24,5 @@ def one_thread():
 
 @pytest.fixture
 def offline_torch_home(tmp_path, monkeypatch):
-    """No Inception weights anywhere: FID must say how to provide them (and downloads fail offline)."""
+    """No Inception weights anywhere: FID must say how to provide them (downloads fail offline)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))

@@ -1,4 +1,5 @@
 """Plain helpers shared by several test files (fixtures live in conftest.py)."""
+
 import os
 import subprocess
 import sys
@@ -16,19 +17,27 @@ def pattern_images(n, seed, size=16):
     out = []
     for i in range(n):
         base = (np.sin(xx / (2 + i % 3) + i) + np.cos(yy / (2 + i % 4))) * 60 + 128
-        out.append(np.stack([base, base[::-1], base[:, ::-1]], -1) + rng.normal(0, 10, (size, size, 3)))
+        out.append(
+            np.stack([base, base[::-1], base[:, ::-1]], -1) + rng.normal(0, 10, (size, size, 3))
+        )
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def run_script(script, args, cwd):
-    """`python ROOT/script *args` in cwd on one thread; returns the CompletedProcess with text output."""
+    """`python ROOT/script *args` in cwd on one thread -> the CompletedProcess, text output."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_identical(a, b, where="state"):
-    """Recursively assert two checkpoint-like structures are bit-identical (tensors by torch.equal)."""
+    """Assert two checkpoint-like structures bit-identical, recursively (tensors by torch.equal)."""
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), where
     elif isinstance(a, dict):

@@ -1,9 +1,12 @@
-"""eval_metrics.py without the Inception: Frechet distance, PSNR / SSIM / MSE, sharpness, 2D KL / JSD,
-Progress and the image-folder CLI. Closed forms and hand-worked cases always run; the oracles (scipy,
-scikit-image, OpenCV) run where installed; golden values freeze the numbers for CI without them.
+"""eval_metrics.py without the Inception: Frechet distance, PSNR / SSIM / MSE, sharpness, 2D KL /
+JSD, Progress, image folders and the CLI. Closed forms and hand-worked cases always run; the oracles
+(scipy, scikit-image, OpenCV) run where installed; golden values freeze the numbers for CI without
+them.
 
-Lines starting with AGREEMENT are the README's measured agreement: `pytest -q -s tests/test_eval_metrics*.py`.
+Lines starting with AGREEMENT are the README's measured agreement:
+`pytest -q -s tests/test_eval_metrics*.py`.
 """
+
 import io
 import math
 import os
@@ -34,7 +37,9 @@ def smooth_images(n, c, h, w, seed):
     """(n, c, h, w) float64 in [0, 1]: upsampled noise, so SSIM sees structure, not only noise."""
     rng = np.random.default_rng(seed)
     coarse = torch.from_numpy(rng.random((n, c, max(h // 4, 2), max(w // 4, 2))))
-    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return torch.nn.functional.interpolate(
+        coarse, size=(h, w), mode="bilinear", align_corners=False
+    )
 
 
 def noisy(x, sigma, seed):
@@ -50,12 +55,16 @@ def test_frechet_closed_forms(method):
     mu, sigma = random_stats(64, 500, seed=0)
     assert abs(em.frechet_distance(mu, sigma, mu, sigma, method=method)) < 1e-9
     shift = np.linspace(-1, 1, 64)
-    assert em.frechet_distance(mu, sigma, mu + shift, sigma, method=method) == pytest.approx(shift @ shift, abs=1e-9)
+    assert em.frechet_distance(mu, sigma, mu + shift, sigma, method=method) == pytest.approx(
+        shift @ shift, abs=1e-9
+    )
     # diagonal covariances: ||dmu||^2 + sum (sqrt(a_i) - sqrt(b_i))^2
     a, b = np.linspace(0.1, 3.0, 16), np.linspace(2.0, 0.05, 16)
     mu_a, mu_b = np.zeros(16), np.full(16, 0.5)
     expected = 16 * 0.25 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert em.frechet_distance(mu_a, np.diag(a), mu_b, np.diag(b), method=method) == pytest.approx(expected, rel=1e-12)
+    assert em.frechet_distance(mu_a, np.diag(a), mu_b, np.diag(b), method=method) == pytest.approx(
+        expected, rel=1e-12
+    )
     # singular S1 (no Cholesky factor: the eigh square root): tr sqrt(S1 S2) = 0 + 0 + sqrt(4 * 1)
     singular1, singular2 = np.diag([0.0, 1.0, 4.0]), np.diag([9.0, 0.0, 1.0])
     singular_fid = em.frechet_distance(np.zeros(3), singular1, np.ones(3), singular2, method=method)
@@ -73,8 +82,12 @@ def test_frechet_float32_input_is_upcast():
 def test_frechet_golden():
     mu1, sigma1 = random_stats(128, 400, seed=3)
     mu2, sigma2 = random_stats(128, 400, seed=4, scale=1.2, shift=0.1)
-    assert em.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(222.92502839043613, rel=1e-9)
-    assert em.frechet_distance(mu1, sigma1, mu2, sigma2, method="eigvals") == pytest.approx(222.92502839043613, rel=1e-9)
+    assert em.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(
+        222.92502839043613, rel=1e-9
+    )
+    assert em.frechet_distance(mu1, sigma1, mu2, sigma2, method="eigvals") == pytest.approx(
+        222.92502839043613, rel=1e-9
+    )
 
 
 def test_frechet_bad_input():
@@ -92,7 +105,8 @@ def test_frechet_bad_input():
 def test_frechet_vs_scipy_sqrtm():
     linalg = pytest.importorskip("scipy.linalg")
     worst_full, worst_deficient = 0.0, 0.0
-    cases = [(64, 500, 600, True), (256, 1000, 1200, True), (64, 40, 50, False)]  # (D, n1, n2, full rank)
+    # (D, n1, n2, full rank)
+    cases = [(64, 500, 600, True), (256, 1000, 1200, True), (64, 40, 50, False)]
     for dim, n1, n2, full_rank in cases:
         mu1, sigma1 = random_stats(dim, n1, seed=dim + n1)
         mu2, sigma2 = random_stats(dim, n2, seed=dim + n2, scale=1.1, shift=0.05)
@@ -108,7 +122,9 @@ def test_frechet_vs_scipy_sqrtm():
                 assert abs(ours - reference) <= 1e-3
                 worst_deficient = max(worst_deficient, abs(ours - reference))
     report("Frechet distance (full rank, D 64/256, relative)", "scipy sqrtm", worst_full)
-    report("Frechet distance (rank-deficient, D 64, n 40/50, absolute)", "scipy sqrtm", worst_deficient)
+    report(
+        "Frechet distance (rank-deficient, D 64, n 40/50, absolute)", "scipy sqrtm", worst_deficient
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,7 +139,8 @@ def test_psnr_mse_known_uniform_error():
     psnr_per, psnr_mean = em.psnr(x, y)
     np.testing.assert_allclose(psnr_per, [20.0, 40.0], rtol=1e-12)
     assert psnr_mean == pytest.approx(30.0, rel=1e-12)  # per image, then mean
-    assert em.psnr_pooled(x, y) == pytest.approx(10 * math.log10(1 / 0.00505), rel=1e-12)  # != 30 dB
+    # != 30 dB
+    assert em.psnr_pooled(x, y) == pytest.approx(10 * math.log10(1 / 0.00505), rel=1e-12)
 
 
 def test_psnr_identical_images_are_inf_and_excluded_from_mean():
@@ -139,10 +156,14 @@ def test_psnr_identical_images_are_inf_and_excluded_from_mean():
 def test_psnr_data_range_and_clamp():
     x = smooth_images(2, 3, 16, 16, seed=1)
     y = noisy(x, 0.05, seed=2)
-    np.testing.assert_allclose(em.psnr(255 * x, 255 * y, data_range=255.0)[0], em.psnr(x, y)[0], rtol=1e-12)
+    np.testing.assert_allclose(
+        em.psnr(255 * x, 255 * y, data_range=255.0)[0], em.psnr(x, y)[0], rtol=1e-12
+    )
     # reconstructions are clamped to [0, 1] before scoring (decoders have no output activation)
     overshoot = torch.where(y > 0.9, 1.5, y)
-    np.testing.assert_array_equal(em.psnr(x, overshoot)[0], em.psnr(x, torch.where(y > 0.9, 1.0, y))[0])
+    np.testing.assert_array_equal(
+        em.psnr(x, overshoot)[0], em.psnr(x, torch.where(y > 0.9, 1.0, y))[0]
+    )
     with pytest.raises(em.MetricInputError, match="outside"):
         em.psnr(2 * x - 1, y)
     with pytest.raises(em.MetricInputError, match="shapes differ"):
@@ -154,11 +175,15 @@ def test_psnr_mse_vs_skimage():
     x = smooth_images(4, 3, 20, 24, seed=3)
     y = noisy(x, torch.tensor([0.01, 0.05, 0.2, 0.4]).view(4, 1, 1, 1).double(), seed=4)
     xs, ys = x.numpy(), y.numpy()
-    reference_psnr = [metrics.peak_signal_noise_ratio(xs[i], ys[i], data_range=1.0) for i in range(4)]
+    reference_psnr = [
+        metrics.peak_signal_noise_ratio(xs[i], ys[i], data_range=1.0) for i in range(4)
+    ]
     reference_mse = [metrics.mean_squared_error(xs[i], ys[i]) for i in range(4)]
     psnr_diff = np.abs(em.psnr(x, y)[0] - reference_psnr).max()
     mse_diff = np.abs(em.mse(x, y)[0] - reference_mse).max()
-    pooled_diff = abs(em.psnr_pooled(x, y) - metrics.peak_signal_noise_ratio(xs, ys, data_range=1.0))
+    pooled_diff = abs(
+        em.psnr_pooled(x, y) - metrics.peak_signal_noise_ratio(xs, ys, data_range=1.0)
+    )
     assert psnr_diff <= 1e-10 and mse_diff <= 1e-15 and pooled_diff <= 1e-10
     report("PSNR per image", "skimage peak_signal_noise_ratio", psnr_diff)
     report("PSNR pooled", "skimage on the whole batch", pooled_diff)
@@ -174,12 +199,16 @@ def test_ssim_identical_constant_and_window():
     flat = torch.full((1, 1, 12, 12), 0.3, dtype=torch.float64)
     assert em.ssim(flat, flat)[1] == pytest.approx(1.0, abs=1e-14)
     # constant vs constant: only the luminance term is left, (2ab + C1) / (a^2 + b^2 + C1)
-    c1 = 0.01 ** 2
-    expected = (2 * 0.3 * 0.6 + c1) / (0.3 ** 2 + 0.6 ** 2 + c1)
+    c1 = 0.01**2
+    expected = (2 * 0.3 * 0.6 + c1) / (0.3**2 + 0.6**2 + c1)
     assert em.ssim(flat, 2 * flat)[1] == pytest.approx(expected, rel=1e-12)
     taps, cov_norm = em.ssim_window("gaussian")
-    assert taps.numel() == 11 and cov_norm == 1.0 and float(taps.sum()) == pytest.approx(1.0, abs=1e-15)
-    assert float(taps[5] / taps[4]) == pytest.approx(math.exp(0.5 / 1.5 ** 2), rel=1e-14)
+    assert (
+        taps.numel() == 11
+        and cov_norm == 1.0
+        and float(taps.sum()) == pytest.approx(1.0, abs=1e-15)
+    )
+    assert float(taps[5] / taps[4]) == pytest.approx(math.exp(0.5 / 1.5**2), rel=1e-14)
 
 
 def test_ssim_small_images_rejected():
@@ -193,7 +222,11 @@ def test_ssim_golden():
     x = smooth_images(2, 3, 32, 28, seed=7)
     y = noisy(x, 0.1, seed=8)
     np.testing.assert_allclose(em.ssim(x, y)[0], [0.712925608180818, 0.7466044722136932], rtol=1e-8)
-    np.testing.assert_allclose(em.ssim(x, y, convention="skimage_default")[0], [0.770153325246933, 0.8092643823587041], rtol=1e-8)
+    np.testing.assert_allclose(
+        em.ssim(x, y, convention="skimage_default")[0],
+        [0.770153325246933, 0.8092643823587041],
+        rtol=1e-8,
+    )
 
 
 def test_ssim_torch_is_differentiable_and_keeps_dtype():
@@ -203,7 +236,8 @@ def test_ssim_torch_is_differentiable_and_keeps_dtype():
     assert value.dtype == torch.float64 and value.shape == (2,)
     (1 - value).sum().backward()
     assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
-    corner = y[:1, :1, :11, :12].detach().requires_grad_(True)  # smallest valid size: few gradcheck forwards
+    # smallest valid size: few gradcheck forwards
+    corner = y[:1, :1, :11, :12].detach().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: em.ssim_torch(x[:1, :1, :11, :12], t), (corner,))
     value32 = em.ssim_torch(x.float(), y.detach().float())
     assert value32.dtype == torch.float32
@@ -215,16 +249,34 @@ def test_ssim_vs_skimage(shape):
     metrics = pytest.importorskip("skimage.metrics")
     c, h, w = shape
     x = smooth_images(3, c, h, w, seed=h)
-    y = torch.stack([noisy(x[0], 0.05, 1), x[1] * 0.8, torch.from_numpy(np.random.default_rng(2).random((c, h, w)))])
+    y = torch.stack(
+        [
+            noisy(x[0], 0.05, 1),
+            x[1] * 0.8,
+            torch.from_numpy(np.random.default_rng(2).random((c, h, w))),
+        ]
+    )
     worst = 0.0
-    for convention, kwargs in (("gaussian", dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)),
-                               ("skimage_default", {})):
+    for convention, kwargs in (
+        ("gaussian", dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)),
+        ("skimage_default", {}),
+    ):
         ours = em.ssim(x, y, convention=convention)[0]
-        reference = [metrics.structural_similarity(x[i].permute(1, 2, 0).numpy(), y[i].permute(1, 2, 0).numpy(),
-                                                   data_range=1.0, channel_axis=-1, **kwargs) for i in range(3)]
+        reference = [
+            metrics.structural_similarity(
+                x[i].permute(1, 2, 0).numpy(),
+                y[i].permute(1, 2, 0).numpy(),
+                data_range=1.0,
+                channel_axis=-1,
+                **kwargs,
+            )
+            for i in range(3)
+        ]
         worst = max(worst, np.abs(ours - reference).max())
     assert worst <= 1e-10
-    report(f"SSIM {c}x{h}x{w} (gaussian and skimage_default)", "skimage structural_similarity", worst)
+    report(
+        f"SSIM {c}x{h}x{w} (gaussian and skimage_default)", "skimage structural_similarity", worst
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,12 +285,14 @@ def test_ssim_vs_skimage(shape):
 def test_sharpness_closed_forms():
     flat = torch.full((1, 3, 5, 5), 0.4, dtype=torch.float64)
     assert em.sharpness(flat)[1] == 0.0
-    # a vertical step: grey 0 | 1 on a 4x4 grid; the Laplacian is +-255 on the two middle columns, 0 elsewhere
+    # a vertical step: grey 0 | 1 on a 4x4 grid; the Laplacian is +-255 on the two middle columns,
+    # 0 elsewhere
     step = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
     step[..., 2:] = 1.0
-    assert em.sharpness(step)[1] == pytest.approx(255.0 ** 2 / 2, rel=1e-14)  # mean 0, half the pixels at +-255
+    # mean 0, half the pixels at +-255
+    assert em.sharpness(step)[1] == pytest.approx(255.0**2 / 2, rel=1e-14)
     x = smooth_images(2, 3, 9, 7, seed=11)
-    grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
     np.testing.assert_allclose(em.sharpness(grey)[0], em.sharpness(x)[0], rtol=1e-12)
     with pytest.raises(em.MetricInputError, match="2x2"):
         em.sharpness(x[..., :1])
@@ -246,8 +300,12 @@ def test_sharpness_closed_forms():
 
 def test_sharpness_golden():
     x = smooth_images(2, 3, 21, 17, seed=12)
-    np.testing.assert_allclose(em.sharpness(x)[0], [177.53133046560427, 183.85117312387166], rtol=1e-9)
-    np.testing.assert_allclose(em.sharpness(x, opencv_exact=True)[0], [178.92436974789914, 185.28851540616247], rtol=1e-9)
+    np.testing.assert_allclose(
+        em.sharpness(x)[0], [177.53133046560427, 183.85117312387166], rtol=1e-9
+    )
+    np.testing.assert_allclose(
+        em.sharpness(x, opencv_exact=True)[0], [178.92436974789914, 185.28851540616247], rtol=1e-9
+    )
 
 
 def test_sharpness_vs_opencv():
@@ -274,8 +332,13 @@ def test_sharpness_vs_opencv():
 def cell_points(counts, bins, span):
     """Points at the centres of cells, counts: {(i, j): k} with i along x, j along y."""
     width = 2 * span / bins
-    return np.array([[-span + (i + 0.5) * width, -span + (j + 0.5) * width]
-                     for (i, j), k in counts.items() for _ in range(k)])
+    return np.array(
+        [
+            [-span + (i + 0.5) * width, -span + (j + 0.5) * width]
+            for (i, j), k in counts.items()
+            for _ in range(k)
+        ]
+    )
 
 
 def test_hist_kl_jsd_hand_computed():
@@ -285,19 +348,29 @@ def test_hist_kl_jsd_hand_computed():
     eps = 1e-14
     p = {"00": 0.75 / 4, "11": 0.25 / 4}
     q = {"00": 0.5 / 4, "01": 0.5 / 4}
-    kl_paper = (p["00"] * (math.log(p["00"]) - math.log(q["00"] + eps)) + p["11"] * (math.log(p["11"]) - math.log(eps))) / 2
+    kl_paper = (
+        p["00"] * (math.log(p["00"]) - math.log(q["00"] + eps))
+        + p["11"] * (math.log(p["11"]) - math.log(eps))
+    ) / 2
     m = {"00": (p["00"] + q["00"]) / 2, "01": q["01"] / 2, "11": p["11"] / 2}
-    kl_m_p = (m["00"] * (math.log(m["00"]) - math.log(p["00"] + eps)) + m["01"] * (math.log(m["01"]) - math.log(eps))
-              + m["11"] * (math.log(m["11"]) - math.log(p["11"] + eps)))
-    kl_m_q = (m["00"] * (math.log(m["00"]) - math.log(q["00"] + eps)) + m["01"] * (math.log(m["01"]) - math.log(q["01"] + eps))
-              + m["11"] * (math.log(m["11"]) - math.log(eps)))
+    kl_m_p = (
+        m["00"] * (math.log(m["00"]) - math.log(p["00"] + eps))
+        + m["01"] * (math.log(m["01"]) - math.log(eps))
+        + m["11"] * (math.log(m["11"]) - math.log(p["11"] + eps))
+    )
+    kl_m_q = (
+        m["00"] * (math.log(m["00"]) - math.log(q["00"] + eps))
+        + m["01"] * (math.log(m["01"]) - math.log(q["01"] + eps))
+        + m["11"] * (math.log(m["11"]) - math.log(eps))
+    )
     kl, jsd = em.hist_kl_jsd(real, fake, bins=2, span=2.0, convention="paper")
     assert kl == pytest.approx(kl_paper, rel=1e-12)
     assert jsd == pytest.approx(0.5 * (kl_m_p + kl_m_q) / 2, rel=1e-12)
     # textbook: probabilities, Q floored at 1e-14, JSD = 0.5 KL(P||M) + 0.5 KL(Q||M)
     kl_t = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / eps)
-    jsd_t = 0.5 * (0.75 * math.log(0.75 / 0.625) + 0.25 * math.log(0.25 / 0.125)) \
-        + 0.5 * (0.5 * math.log(0.5 / 0.625) + 0.5 * math.log(0.5 / 0.25))
+    jsd_t = 0.5 * (0.75 * math.log(0.75 / 0.625) + 0.25 * math.log(0.25 / 0.125)) + 0.5 * (
+        0.5 * math.log(0.5 / 0.625) + 0.5 * math.log(0.5 / 0.25)
+    )
     kl, jsd = em.hist_kl_jsd(real, fake, bins=2, span=2.0, convention="textbook")
     assert kl == pytest.approx(kl_t, rel=1e-12)
     assert jsd == pytest.approx(jsd_t, rel=1e-12)
@@ -307,10 +380,15 @@ def test_hist_kl_jsd_identities():
     rng = np.random.default_rng(14)
     real = rng.uniform(-1.9, 1.9, (500, 2))
     assert em.hist_kl_jsd(real, real.copy(), convention="textbook") == (0.0, 0.0)
-    assert em.hist_kl_jsd(real, real.copy(), convention="paper") == pytest.approx((0.0, 0.0), abs=1e-10)  # eps in ln(q + eps)
+    # eps in ln(q + eps)
+    assert em.hist_kl_jsd(real, real.copy(), convention="paper") == pytest.approx(
+        (0.0, 0.0), abs=1e-10
+    )
     # disjoint supports: textbook JSD is exactly ln 2, the paper's reversed "JSD" is far above it
     left, right = rng.uniform(-1.9, -0.1, (400, 2)), rng.uniform(0.1, 1.9, (400, 2))
-    assert em.hist_kl_jsd(left, right, convention="textbook")[1] == pytest.approx(math.log(2), rel=1e-12)
+    assert em.hist_kl_jsd(left, right, convention="textbook")[1] == pytest.approx(
+        math.log(2), rel=1e-12
+    )
     assert em.hist_kl_jsd(left, right, convention="paper")[1] > 10
     # points outside the square are dropped and the rest renormalised
     far = np.full((100, 2), 5.0)
@@ -319,7 +397,7 @@ def test_hist_kl_jsd_identities():
     fake = rng.uniform(-2, 2, (20000, 2))
     coarse_paper = em.hist_kl_jsd(real, fake, bins=10, span=2.0)[0]
     coarse_textbook = em.hist_kl_jsd(real, fake, bins=10, span=2.0, convention="textbook")[0]
-    assert coarse_paper == pytest.approx(coarse_textbook / (10 * 0.4 ** 2), rel=1e-10)
+    assert coarse_paper == pytest.approx(coarse_textbook / (10 * 0.4**2), rel=1e-10)
     with pytest.warns(em.MetricWarning, match="no generated point"):
         assert all(math.isnan(v) for v in em.hist_kl_jsd(real, far))
     with pytest.raises(em.MetricInputError, match=r"\(N, 2\)"):
@@ -343,7 +421,9 @@ def test_hist_kl_jsd_golden():
         return centres[rng.integers(0, 8, n)] + 0.05 * rng.standard_normal((n, 2))
 
     real, fake = eight_gaussians(5000, 1), eight_gaussians(5000, 2)
-    assert em.hist_kl_jsd(real, fake) == pytest.approx((3.101859126663992, 1.6036154417255994), rel=1e-10)
+    assert em.hist_kl_jsd(real, fake) == pytest.approx(
+        (3.101859126663992, 1.6036154417255994), rel=1e-10
+    )
     textbook = em.hist_kl_jsd(real, fake, convention="textbook")
     assert textbook == pytest.approx((0.40359383651004044, 0.02392894579875854), rel=1e-10)
 
@@ -387,7 +467,12 @@ def run_cli(capsys, *argv):
 
 def assert_one_line_error(code, err, needle):
     assert code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err and "Traceback" not in err
+    assert (
+        err.startswith("error: ")
+        and err.count("\n") == 1
+        and needle in err
+        and "Traceback" not in err
+    )
 
 
 def test_recon_cli_equals_functions(tmp_path, capsys):
@@ -397,7 +482,7 @@ def test_recon_cli_equals_functions(tmp_path, capsys):
     rec_dir = save_images(str(tmp_path / "rec"), rec)
     save_images(real_dir, real[:1], ["same.png"])
     save_images(rec_dir, real[:1], ["same.png"])
-    code, out, err = run_cli(capsys, "recon", real_dir, rec_dir, "--no-progress")
+    code, out, err = run_cli(capsys, "recon", real_dir, rec_dir, "--progress", "false")
     assert code == 0 and err == ""
     loaded_real = torch.stack([em.load_image(p) for p in em.list_images(real_dir)])
     loaded_rec = torch.stack([em.load_image(p) for p in em.list_images(rec_dir)])
@@ -411,7 +496,7 @@ def test_sharpness_cli(tmp_path, capsys):
     images = smooth_images(2, 3, 16, 16, seed=18)
     folder = save_images(str(tmp_path / "s"), images)
     save_images(folder, images[:1], ["grey.png"], mode="L")
-    code, out, err = run_cli(capsys, "sharpness", folder, "--no-progress")
+    code, out, err = run_cli(capsys, "sharpness", folder, "--progress", "false")
     loaded = [em.load_image(p)[None] for p in em.list_images(folder)]
     values = np.array([em.sharpness(t)[1] for t in loaded])
     assert code == 0 and f"mean {values.mean():.6f}, std {values.std():.6f}" in out
@@ -427,12 +512,22 @@ def image_tree(root, relative_paths, seed=30):
 
 
 # Component-wise (pathlib) order: "a/z.png" before "a-b/e.bmp" although "a-" < "a/" as strings.
-TREE_SORTED = ["A.PNG", "a/z.png", "a-b/e.bmp", "b.png", "sub/c.JPEG", "sub/deep/d.webp", "upper.TIFF"]
+TREE_SORTED = [
+    "A.PNG",
+    "a/z.png",
+    "a-b/e.bmp",
+    "b.png",
+    "sub/c.JPEG",
+    "sub/deep/d.webp",
+    "upper.TIFF",
+]
 
 
 def test_list_images_recursive_sorted_any_case(tmp_path):
-    root = image_tree(tmp_path / "tree", ["upper.TIFF", "sub/deep/d.webp", "b.png", "a-b/e.bmp", "a/z.png",
-                                          "sub/c.JPEG", "A.PNG"])
+    root = image_tree(
+        tmp_path / "tree",
+        ["upper.TIFF", "sub/deep/d.webp", "b.png", "a-b/e.bmp", "a/z.png", "sub/c.JPEG", "A.PNG"],
+    )
     for junk in ("notes.txt", "sub/readme.md", "png", "b.png.bak", "sub/deep/x.png.txt"):
         open(os.path.join(root, junk), "w").close()
     os.makedirs(os.path.join(root, "empty", "deeper"))
@@ -465,12 +560,18 @@ def test_recon_pairs_nested_folders_by_relative_path(tmp_path, capsys):
         for image, name in zip(images, names):
             where, file_name = os.path.split(str(tmp_path / folder / name))
             save_images(where, image[None], [file_name])
-    code, out, err = run_cli(capsys, "recon", str(tmp_path / "real"), str(tmp_path / "rec"), "--no-progress")
+    code, out, err = run_cli(
+        capsys, "recon", str(tmp_path / "real"), str(tmp_path / "rec"), "--progress", "false"
+    )
     assert code == 0 and err == "" and out.startswith("3 pairs,")
-    loaded = [torch.stack([em.load_image(str(tmp_path / f / n)) for n in names]) for f in ("real", "rec")]
+    loaded = [
+        torch.stack([em.load_image(str(tmp_path / f / n)) for n in names]) for f in ("real", "rec")
+    ]
     assert f"{em.psnr(*loaded)[1]:14.6f}" in out and f"{em.mse(*loaded)[1]:14.8f}" in out
     os.rename(str(tmp_path / "rec" / "y" / "z"), str(tmp_path / "rec" / "y" / "w"))
-    code, _, err = run_cli(capsys, "recon", str(tmp_path / "real"), str(tmp_path / "rec"), "--no-progress")
+    code, _, err = run_cli(
+        capsys, "recon", str(tmp_path / "real"), str(tmp_path / "rec"), "--progress", "false"
+    )
     assert_one_line_error(code, err, f"(2 unmatched, e.g. y/z/001.png only in {tmp_path / 'real'})")
 
 
@@ -483,7 +584,12 @@ def test_image_loading_grey_rgba_formats(tmp_path):
     open(os.path.join(folder, "notes.txt"), "w").close()
     paths = em.list_images(folder)
     assert [os.path.basename(p) for p in paths] == ["a.png", "b.PNG", "c.bmp", "d.webp", "e.png"]
-    expected = torch.from_numpy((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).permute(2, 0, 1).float() / 255
+    expected = (
+        torch.from_numpy((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        .permute(2, 0, 1)
+        .float()
+        / 255
+    )
     assert torch.equal(em.load_image(paths[0]), expected)
     assert torch.equal(em.load_image(paths[1]), expected)  # alpha dropped
     grey = em.load_image(paths[4])
@@ -494,27 +600,97 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
     good = save_images(str(tmp_path / "good"), smooth_images(2, 3, 16, 16, seed=20))
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
-    assert_one_line_error(*run_cli(capsys, "sharpness", str(tmp_path / "missing"))[::2], "no such folder")
+    assert_one_line_error(
+        *run_cli(capsys, "sharpness", str(tmp_path / "missing"))[::2], "no such folder"
+    )
     assert_one_line_error(*run_cli(capsys, "recon", empty, good)[::2], "no images")
     broken = save_images(str(tmp_path / "broken"), smooth_images(2, 3, 16, 16, seed=20))
     with open(os.path.join(broken, "001.png"), "wb") as handle:
         handle.write(b"not a png")
-    assert_one_line_error(*run_cli(capsys, "recon", good, broken, "--no-progress")[::2], "001.png")
+    assert_one_line_error(
+        *run_cli(capsys, "recon", good, broken, "--progress", "false")[::2], "001.png"
+    )
     small = save_images(str(tmp_path / "small"), smooth_images(2, 3, 16, 12, seed=20))
-    assert_one_line_error(*run_cli(capsys, "recon", good, small, "--no-progress")[::2], "sizes differ")
+    assert_one_line_error(
+        *run_cli(capsys, "recon", good, small, "--progress", "false")[::2], "sizes differ"
+    )
     tiny_a = save_images(str(tmp_path / "tiny_a"), smooth_images(1, 3, 10, 10, seed=21))
     tiny_b = save_images(str(tmp_path / "tiny_b"), smooth_images(1, 3, 10, 10, seed=22))
-    assert_one_line_error(*run_cli(capsys, "recon", tiny_a, tiny_b, "--no-progress")[::2], "at least 11x11")
+    assert_one_line_error(
+        *run_cli(capsys, "recon", tiny_a, tiny_b, "--progress", "false")[::2], "at least 11x11"
+    )
     other = save_images(str(tmp_path / "other"), smooth_images(1, 3, 16, 16, seed=23), ["x.png"])
     assert_one_line_error(*run_cli(capsys, "recon", good, other)[::2], "do not pair")
 
 
 def test_cli_process_exit_code_and_help(capsys):
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval_metrics.py")
-    result = subprocess.run([sys.executable, script, "sharpness", "/no/such/dir"], capture_output=True, text=True)
-    assert result.returncode == 2 and result.stdout == "" and result.stderr == "error: no such folder: /no/such/dir\n"
+    script = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval_metrics.py"
+    )
+    result = subprocess.run(
+        [sys.executable, script, "sharpness", "/no/such/dir"], capture_output=True, text=True
+    )
+    assert (
+        result.returncode == 2
+        and result.stdout == ""
+        and result.stderr == "error: no such folder: /no/such/dir\n"
+    )
     for command in ("fid", "stats", "recon", "sharpness", "bench"):
         with pytest.raises(SystemExit) as exit_info:
             em.main([command, "--help"])
         assert exit_info.value.code == 0
         assert capsys.readouterr()[0].startswith("usage: ")
+
+
+def test_boolean_options_take_a_value(tmp_path, capsys):
+    folder = save_images(str(tmp_path / "s"), smooth_images(2, 3, 16, 16, seed=24))
+    for word, shown in (("false", False), ("NO", False), ("0", False), ("true", True), ("on", True)):
+        code, out, err = run_cli(capsys, "sharpness", folder, "--progress", word)
+        assert code == 0 and "over 2 images" in out and ("sharpness: 2/2" in err) == shown
+    for argv, needle in (
+        (["--progress", "maybe"], "argument --progress: expected true or false, got 'maybe'"),
+        (["--no-progress"], "unrecognized arguments: --no-progress (boolean options take a value"),
+        (["--progress"], "argument --progress: expected one argument"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            em.main(["sharpness", folder, *argv])
+        err = capsys.readouterr()[1]
+        assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+        assert needle in err and err.endswith("--help)\n"), err
+    assert em.parse_bool("Yes") is True and em.parse_bool("OFF") is False
+
+
+def test_atomic_write_and_stats_file(tmp_path):
+    target = str(tmp_path / "stats")
+    written = em.save_stats(target, np.arange(3), np.eye(3))  # numpy's rule: '.npz' appended
+    assert written == target + ".npz" and sorted(os.listdir(tmp_path)) == ["stats.npz"]
+    mu, sigma = em.load_stats(written)
+    assert mu.dtype == np.float64 and np.array_equal(mu, [0, 1, 2]) and np.array_equal(sigma, np.eye(3))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(written).st_mode & 0o777 == 0o666 & ~umask
+
+    def fails_halfway(handle):
+        handle.write(b"partial")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        em.atomic_write(written, fails_halfway)
+    assert sorted(os.listdir(tmp_path)) == ["stats.npz"]  # old file intact, no temporary left
+    assert np.array_equal(em.load_stats(written)[0], [0, 1, 2])
+    em.atomic_write(str(tmp_path / "note.txt"), lambda handle: handle.write(b"new"))
+    assert (tmp_path / "note.txt").read_bytes() == b"new"
+    with pytest.raises(em.MetricInputError, match="cannot write .*missing/x.npz: No such file"):
+        em.save_stats(str(tmp_path / "missing" / "x.npz"), np.zeros(2), np.eye(2))
+    with pytest.raises(em.MetricInputError, match="cannot write"):  # a folder is in the way
+        em.atomic_write(str(tmp_path), lambda handle: handle.write(b"x"))
+    assert sorted(os.listdir(tmp_path)) == ["note.txt", "stats.npz"]
+
+
+def test_stats_cli_unwritable_output_fails_first(tmp_path, capsys, offline_torch_home):
+    folder = save_images(str(tmp_path / "s"), smooth_images(2, 3, 16, 16, seed=25))
+    out = str(tmp_path / "no" / "such" / "out.npz")
+    # fails before the weights load: offline_torch_home has none, which would be another error
+    assert_one_line_error(
+        *run_cli(capsys, "stats", folder, out)[::2], f"cannot write {out}: no such folder"
+    )

@@ -7,6 +7,7 @@ that file (pytorch-fid with its own strict load, which also proves the key layou
 Golden values freeze the numbers for CI without pytorch-fid. Images are tiny: every image costs a
 full 299x299 forward (~0.15 s on 2 cores).
 """
+
 import copy
 import math
 import os
@@ -19,8 +20,8 @@ from PIL import Image
 import eval_metrics as em
 
 
-# Frozen from this file's seeded weights and images (pytorch-fid agreed at freezing time): features of
-# smooth_images(2, 32, 32, seed=1) and (1, 96, 400, seed=3), FIDs of the `folders` fixture.
+# Frozen from this file's seeded weights and images (pytorch-fid agreed at freezing time): features
+# of smooth_images(2, 32, 32, seed=1) and (1, 96, 400, seed=3), FIDs of the `folders` fixture.
 # Tolerances cover float32 kernels differing between CPUs and thread counts (seen: 4e-5 on single
 # elements, 7e-7 on sums). A convention slip moves them far more: pool flavour, count_include_pad or
 # align_corners by 2.5-4% on the 32x32 sum, antialias (downsampling only) by 6e-4 on the 96x400 sum.
@@ -40,7 +41,9 @@ def smooth_images(n, h, w, seed):
     """(n, 3, h, w) float32 in [0, 1], upsampled from seeded numpy noise."""
     rng = np.random.default_rng(seed)
     coarse = torch.from_numpy(rng.random((n, 3, 8, 8))).float()
-    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+    return torch.nn.functional.interpolate(
+        coarse, size=(h, w), mode="bilinear", align_corners=False
+    ).clamp(0, 1)
 
 
 def random_fid_state_dict(seed):
@@ -70,7 +73,8 @@ def random_fid_state_dict(seed):
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
-    """Random, BN-calibrated FID weights in a temporary torch hub cache (TORCH_HOME set for the module)."""
+    """Random, BN-calibrated FID weights in a temporary torch hub cache (TORCH_HOME set for the
+    module)."""
     torch_home = tmp_path_factory.mktemp("torch_home")
     path = torch_home / "hub" / "checkpoints" / em.FID_WEIGHTS_FILE
     path.parent.mkdir(parents=True)
@@ -110,7 +114,9 @@ def save_folder(folder, images, kinds):
     for i, image in enumerate(images):
         extension, mode = kinds[i % len(kinds)]
         array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(array).convert(mode).save(os.path.join(folder, f"{i:03d}.{extension}"), quality=90)
+        Image.fromarray(array).convert(mode).save(
+            os.path.join(folder, f"{i:03d}.{extension}"), quality=90
+        )
     return folder
 
 
@@ -130,22 +136,35 @@ def test_state_dict_layout(ours):
 
 def test_state_dict_keys_equal_pytorch_fid(weights_file):
     inception = pytest.importorskip("pytorch_fid.inception")
-    fid_net = inception.fid_inception_v3()  # pytorch-fid's own tree, its own strict load of our file
+    # pytorch-fid's own tree, its own strict load of our file
+    fid_net = inception.fid_inception_v3()
     assert set(fid_net.state_dict()) == set(em.InceptionV3FID().state_dict())
 
 
 def test_features_golden_and_bit_identical_to_pytorch_fid(ours, ours64):
-    batches = [smooth_images(2, 32, 32, seed=1), smooth_images(1, 299, 299, seed=2), smooth_images(1, 96, 400, seed=3)]
+    batches = [
+        smooth_images(2, 32, 32, seed=1),
+        smooth_images(1, 299, 299, seed=2),
+        smooth_images(1, 96, 400, seed=3),
+    ]
     got = []
     for images in batches:
         with torch.no_grad():
-            got.append({dims: f.double().numpy() for dims, f in ours.features_by_depth(images, 2048).items()})
+            got.append(
+                {
+                    dims: f.double().numpy()
+                    for dims, f in ours.features_by_depth(images, 2048).items()
+                }
+            )
     np.testing.assert_array_equal(em.inception_features(batches[0], ours), got[0][2048])
     np.testing.assert_array_equal(em.inception_features(batches[0], ours64), got[0][64])
     assert got[0][2048].sum() == pytest.approx(GOLDEN_FEATURE_SUM, rel=1e-4)
     np.testing.assert_allclose(got[0][2048][0, :3], GOLDEN_FEATURE_FIRST, rtol=1e-3)
-    assert got[2][2048].sum() == pytest.approx(GOLDEN_FEATURE_SUM_96x400, rel=1e-4)  # 400 -> 299: no antialias
-    np.testing.assert_allclose([got[0][d].sum() for d in (64, 192, 768)], GOLDEN_SUMS_BY_DEPTH, rtol=1e-4)
+    # 400 -> 299: no antialias
+    assert got[2][2048].sum() == pytest.approx(GOLDEN_FEATURE_SUM_96x400, rel=1e-4)
+    np.testing.assert_allclose(
+        [got[0][d].sum() for d in (64, 192, 768)], GOLDEN_SUMS_BY_DEPTH, rtol=1e-4
+    )
 
     inception = pytest.importorskip("pytorch_fid.inception")
     reference = inception.InceptionV3([0, 1, 2, 3]).eval()
@@ -154,19 +173,32 @@ def test_features_golden_and_bit_identical_to_pytorch_fid(ours, ours64):
         with torch.no_grad():
             blocks = reference(images)
         for dims, block in zip(em.CHOICES["dims"], blocks):
-            expected = torch.nn.functional.adaptive_avg_pool2d(block, output_size=(1, 1)).flatten(1).double().numpy()
+            expected = (
+                torch.nn.functional.adaptive_avg_pool2d(block, output_size=(1, 1))
+                .flatten(1)
+                .double()
+                .numpy()
+            )
             worst = max(worst, np.abs(ours_by_depth[dims] - expected).max())
     assert worst == 0.0
-    report("Inception features, 64/192/768/2048-d, 32x32 / 299x299 / 96x400, equal batches",
-           "pytorch-fid InceptionV3", worst)
+    report(
+        "Inception features, 64/192/768/2048-d, 32x32 / 299x299 / 96x400, equal batches",
+        "pytorch-fid InceptionV3",
+        worst,
+    )
 
 
 def test_grey_and_rgba_tensors_match_rgb(ours64):
     rgb = smooth_images(1, 32, 32, seed=4)
     grey = rgb[:, :1]
-    np.testing.assert_array_equal(em.inception_features(grey, ours64), em.inception_features(grey.expand(-1, 3, -1, -1), ours64))
+    np.testing.assert_array_equal(
+        em.inception_features(grey, ours64),
+        em.inception_features(grey.expand(-1, 3, -1, -1), ours64),
+    )
     rgba = torch.cat([rgb, torch.rand(1, 1, 32, 32)], dim=1)
-    np.testing.assert_array_equal(em.inception_features(rgba, ours64), em.inception_features(rgb, ours64))
+    np.testing.assert_array_equal(
+        em.inception_features(rgba, ours64), em.inception_features(rgb, ours64)
+    )
 
 
 def test_eval_mode_always_and_bn_batch_stats(ours, weights_file):
@@ -181,10 +213,14 @@ def test_eval_mode_always_and_bn_batch_stats(ours, weights_file):
     assert train_mode.training
     before = copy.deepcopy(train_mode.state_dict())
     batch_stats = em.inception_features(images, train_mode, batch_size=2)
-    assert np.abs(batch_stats - expected).max() > 1e-2  # per-batch normalisation changes the features
-    # a DataLoader's (images, labels): the loader batch IS the BatchNorm batch, whatever batch_size says
+    # per-batch normalisation changes the features
+    assert np.abs(batch_stats - expected).max() > 1e-2
+    # a DataLoader's (images, labels): the loader batch IS the BatchNorm batch, whatever batch_size
+    # says
     with pytest.warns(em.MetricWarning, match="< 2048"):
-        mu, _, n = em.stats_from_batches([(images, torch.zeros(2))], train_mode, batch_size=1, progress=False)
+        mu, _, n = em.stats_from_batches(
+            [(images, torch.zeros(2))], train_mode, batch_size=1, progress=False
+        )
     assert n == 2
     np.testing.assert_allclose(mu, batch_stats.mean(axis=0), rtol=0, atol=1e-12)
     for key, tensor in train_mode.state_dict().items():
@@ -196,7 +232,11 @@ def test_eval_mode_always_and_bn_batch_stats(ours, weights_file):
     with torch.no_grad():
         reference = reference_train(images)[0].flatten(1).double().numpy()
     assert np.abs(batch_stats - reference).max() == 0.0
-    report("bn_batch_stats features", "pytorch-fid InceptionV3 in train mode", np.abs(batch_stats - reference).max())
+    report(
+        "bn_batch_stats features",
+        "pytorch-fid InceptionV3 in train mode",
+        np.abs(batch_stats - reference).max(),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,37 +249,48 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("fid_folders")
     set_a = smooth_images(66, 32, 32, seed=8)
     set_b = (0.8 * smooth_images(66, 32, 32, seed=9) + 0.1).clamp(0, 1)
-    png, other = [("png", "RGB"), ("png", "L"), ("png", "RGBA")], [("jpg", "RGB"), ("webp", "RGB"), ("bmp", "RGB")]
+    png, other = (
+        [("png", "RGB"), ("png", "L"), ("png", "RGBA")],
+        [("jpg", "RGB"), ("webp", "RGB"), ("bmp", "RGB")],
+    )
     return {
-        "a": save_folder(str(root / "a"), set_a, png), "b": save_folder(str(root / "b"), set_b, other),
-        "a8": save_folder(str(root / "a8"), set_a[:8], png), "b8": save_folder(str(root / "b8"), set_b[:8], other),
+        "a": save_folder(str(root / "a"), set_a, png),
+        "b": save_folder(str(root / "b"), set_b, other),
+        "a8": save_folder(str(root / "a8"), set_a[:8], png),
+        "b8": save_folder(str(root / "b8"), set_b[:8], other),
     }
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # scipy >= 1.16 deprecates the sqrtm(disp=) pytorch-fid uses
+# scipy >= 1.16 deprecates the sqrtm(disp=) pytorch-fid uses
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_fid_end_to_end_vs_pytorch_fid_64d(folders, weights_file):
     with pytest.warns(em.MetricWarning) as records:  # unofficial weights, and n < 2048
         fid = em.fid_from_dirs(folders["a"], folders["b"], dims=64)
     assert any("66 images < 2048" in str(record.message) for record in records)
     assert fid == pytest.approx(GOLDEN_FID_64, rel=1e-3)
     fid_score = pytest.importorskip("pytorch_fid.fid_score")
-    reference = fid_score.calculate_fid_given_paths([folders["a"], folders["b"]], batch_size=50, device="cpu",
-                                                    dims=64, num_workers=0)
+    reference = fid_score.calculate_fid_given_paths(
+        [folders["a"], folders["b"]], batch_size=50, device="cpu", dims=64, num_workers=0
+    )
     assert abs(fid - reference) <= 1e-3
-    report("FID end to end, 66 vs 66 images, 64-d (full rank)", "pytorch_fid calculate_fid_given_paths", abs(fid - reference))
+    report(
+        "FID end to end, 66 vs 66 images, 64-d (full rank)",
+        "pytorch_fid calculate_fid_given_paths",
+        abs(fid - reference),
+    )
 
 
 def test_stats_cli_and_fid_2048d_vs_pytorch_fid(folders, weights_file, tmp_path, capsys):
     stats_a, stats_b = str(tmp_path / "a8.npz"), str(tmp_path / "b8.npz")
-    assert em.main(["stats", folders["a8"], stats_a, "--no-progress"]) == 0
+    assert em.main(["stats", folders["a8"], stats_a, "--progress", "false"]) == 0
     out, err = capsys.readouterr()
     assert "saved mu (2048,) and sigma (2048, 2048) of 8 images" in out
     assert "warning: " in err and "8 images < 2048" in err and "not the official" in err
-    assert em.main(["stats", folders["b8"], stats_b, "--no-progress"]) == 0
+    assert em.main(["stats", folders["b8"], stats_b, "--progress", "false"]) == 0
     capsys.readouterr()
     with np.load(stats_a) as raw:
         assert sorted(raw.files) == ["mu", "sigma"] and raw["sigma"].dtype == np.float64
-    assert em.main(["fid", stats_a, stats_b, "--no-progress"]) == 0
+    assert em.main(["fid", stats_a, stats_b, "--progress", "false"]) == 0
     out = capsys.readouterr()[0]
     assert out.startswith("FID: ") and "pytorch-fid convention, 2048-d" in out
     fid = float(out.split()[1])
@@ -251,9 +302,15 @@ def test_stats_cli_and_fid_2048d_vs_pytorch_fid(folders, weights_file, tmp_path,
     worst = 0.0
     for folder, stats in ((folders["a8"], stats_a), (folders["b8"], stats_b)):
         reference = fid_score.compute_statistics_of_path(folder, model, 50, 2048, "cpu", 0)
-        worst = max([worst] + [np.abs(a - b).max() for a, b in zip(em.load_stats(stats), reference)])
+        worst = max(
+            [worst] + [np.abs(a - b).max() for a, b in zip(em.load_stats(stats), reference)]
+        )
     assert worst <= 1e-5
-    report("FID statistics mu / sigma, 8 images per set, 2048-d", "pytorch_fid compute_statistics_of_path", worst)
+    report(
+        "FID statistics mu / sigma, 8 images per set, 2048-d",
+        "pytorch_fid compute_statistics_of_path",
+        worst,
+    )
 
 
 def test_generator_and_batches_equal_in_memory_stats(ours64):
@@ -270,11 +327,15 @@ def test_generator_and_batches_equal_in_memory_stats(ours64):
 
     with pytest.warns(em.MetricWarning, match="10 images < 2048"):
         mu, sigma = em.stats_from_generator(generate, 10, ours64, batch_size=4, progress=False)
-    clamped_mu, clamped_sigma = em.feature_stats(em.inception_features(stretched.clamp(0, 1), ours64))
+    clamped_mu, clamped_sigma = em.feature_stats(
+        em.inception_features(stretched.clamp(0, 1), ours64)
+    )
     np.testing.assert_allclose(mu, clamped_mu, rtol=0, atol=1e-12)
     np.testing.assert_allclose(sigma, clamped_sigma, rtol=0, atol=1e-12)
 
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(10)), batch_size=4)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, torch.arange(10)), batch_size=4
+    )
     with pytest.warns(em.MetricWarning):
         mu, sigma, n = em.stats_from_batches(loader, ours64, progress=False)
     assert n == 10
@@ -283,7 +344,9 @@ def test_generator_and_batches_equal_in_memory_stats(ours64):
     with pytest.warns(em.MetricWarning):
         mu7, _, n7 = em.stats_from_batches(loader, ours64, max_images=7, progress=False)
     assert n7 == 7
-    np.testing.assert_allclose(mu7, em.inception_features(images[:7], ours64).mean(axis=0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        mu7, em.inception_features(images[:7], ours64).mean(axis=0), rtol=0, atol=1e-12
+    )
 
     def constant(k):
         return torch.full((k, 3, 16, 16), 100.6 / 255)
@@ -309,18 +372,31 @@ def assert_cli_error(capsys, argv, needle):
 def test_bad_weights_and_folders(weights_file, folders, tmp_path, capsys, monkeypatch):
     wrong_keys = str(tmp_path / "wrong_keys.pth")
     torch.save({"conv.weight": torch.zeros(1)}, wrong_keys)
-    assert_cli_error(capsys, ["fid", folders["a8"], folders["b8"], "--weights", wrong_keys], "wrong keys")
+    assert_cli_error(
+        capsys, ["fid", folders["a8"], folders["b8"], "--weights", wrong_keys], "wrong keys"
+    )
     corrupt = str(tmp_path / "corrupt.pth")
     with open(corrupt, "wb") as handle:
         handle.write(b"\x00" * 100)
-    assert_cli_error(capsys, ["fid", folders["a8"], folders["b8"], "--weights", corrupt], "cannot read Inception weights")
+    assert_cli_error(
+        capsys,
+        ["fid", folders["a8"], folders["b8"], "--weights", corrupt],
+        "cannot read Inception weights",
+    )
     state = torch.load(weights_file, weights_only=True)
     state["fc.weight"] = torch.zeros(10, 2048)
     wrong_shape = str(tmp_path / "wrong_shape.pth")
     torch.save(state, wrong_shape)
-    assert_cli_error(capsys, ["stats", folders["a8"], str(tmp_path / "x.npz"), "--weights", wrong_shape], "do not fit")
-    assert_cli_error(capsys, ["fid", folders["a8"], folders["b8"], "--weights", str(tmp_path / "none.pth")],
-                     "no such Inception weights file")
+    assert_cli_error(
+        capsys,
+        ["stats", folders["a8"], str(tmp_path / "x.npz"), "--weights", wrong_shape],
+        "do not fit",
+    )
+    assert_cli_error(
+        capsys,
+        ["fid", folders["a8"], folders["b8"], "--weights", str(tmp_path / "none.pth")],
+        "no such Inception weights file",
+    )
 
     def offline(*args, **kwargs):
         raise OSError("network unreachable")
@@ -331,11 +407,15 @@ def test_bad_weights_and_folders(weights_file, folders, tmp_path, capsys, monkey
 
     one = str(tmp_path / "one")
     save_folder(one, smooth_images(1, 32, 32, seed=11), [("png", "RGB")])
-    assert_cli_error(capsys, ["fid", one, folders["b8"], "--weights", weights_file], "at least 2 images")
+    assert_cli_error(
+        capsys, ["fid", one, folders["b8"], "--weights", weights_file], "at least 2 images"
+    )
     assert_cli_error(capsys, ["fid", str(tmp_path / "missing"), folders["b8"]], "no such folder")
     stats_64 = str(tmp_path / "s64.npz")
     em.save_stats(stats_64, np.zeros(64), np.eye(64))
-    assert_cli_error(capsys, ["fid", stats_64, folders["b8"], "--weights", weights_file], "64-d statistics")
+    assert_cli_error(
+        capsys, ["fid", stats_64, folders["b8"], "--weights", weights_file], "64-d statistics"
+    )
     bad_npz = str(tmp_path / "bad.npz")
     np.savez(bad_npz, mean=np.zeros(3))
     assert_cli_error(capsys, ["fid", bad_npz, stats_64], "lacks the keys")
