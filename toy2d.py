@@ -92,6 +92,7 @@ class Config:
         0, ">0: stop after this iteration (checkpointed); rerun without it to finish"
     )
     bench: int = option(0, ">0: time this many iterations per phase, print ms/it, write nothing")
+    table: str = option("", "comma list of run folders: their combined table (and PNGs in --out)")
 
 
 CHOICES = {
@@ -744,7 +745,7 @@ def autocast(device, precision):
 
 def checkpoint_config(cfg):
     """The fields a resumed run must share with the run that wrote the checkpoint."""
-    skip = ("out", "device", "bench", "ckpt_every", "until")
+    skip = ("out", "device", "bench", "ckpt_every", "until", "table")
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
@@ -1133,28 +1134,59 @@ def run_tag(record):
     return f"{record['dataset']}_{record['method']}_{record['combo']}_{record['seed']}"
 
 
-def write_overviews(records, cfg, out_dir):
-    """overview_<dataset>_<seed>.png, laid out like the paper's Fig. 3, from the scatter PNGs."""
-    for dataset in dict.fromkeys(r["dataset"] for r in records):
-        for seed in dict.fromkeys(r["seed"] for r in records):
-            mine = [r for r in records if r["dataset"] == dataset and r["seed"] == seed]
-            combos = list(dict.fromkeys(r["combo"] for r in mine))
-            methods = list(dict.fromkeys(r["method"] for r in mine))
-            panels = [[None] * len(methods) for _ in combos]
-            for r in mine:
-                path = os.path.join(out_dir, f"scatter_{run_tag(r)}.png")
-                panels[combos.index(r["combo"])][methods.index(r["method"])] = Image.open(path)
-            header = (
-                f"{dataset}, seed {seed}, {cfg.iters} iterations, mapping {cfg.mapping}, "
-                f"AS variant {cfg.variant}; rows: combos, columns: methods; grey: real points"
-            )
-            sheet = draw_overview(panels, header)
-            sheet.save(os.path.join(out_dir, f"overview_{dataset}_{seed}.png"))
+def setting(record):
+    """The run's departures from the 2D protocol, e.g. "warm-up 0, tanh" ("protocol" if none)."""
+    iters = record["iters"]
+    parts = [
+        f"{iters} it" if iters != 30000 else "",
+        "official" if record["variant"] == "official" else "",
+        f"warm-up {record['warmup']}" if record["warmup"] != schedule(iters)[0] else "",
+        f"{record['schedule']} c"
+        if record["schedule"] != ("tanh" if record["variant"] == "official" else "linear")
+        else "",
+        "literal" if record["mapping"] != "closest" and record["combo"] in COMBOS else "",
+        record["precision"] if record["precision"] != "fp32" else "",
+    ]
+    return ", ".join(p for p in parts if p) or "protocol"
 
 
-def draw_coverage_panel(record, cfg, width=300, height=150):
+def write_overviews(records, out_dir, folders=None):
+    """overview_<dataset>_<seed>.png (+ _<setting> when the records mix settings), laid out like the
+    paper's Fig. 3, from the scatter PNGs (in folders[i] for records[i], else in out_dir)."""
+    folders = folders or [out_dir] * len(records)
+    keys = dict.fromkeys((r["dataset"], r["seed"], setting(r)) for r in records)
+    for dataset, seed, label in keys:
+        mine = [
+            (r, folder)
+            for r, folder in zip(records, folders)
+            if (r["dataset"], r["seed"], setting(r)) == (dataset, seed, label)
+        ]
+        combos = list(dict.fromkeys(r["combo"] for r, _ in mine))
+        methods = list(dict.fromkeys(r["method"] for r, _ in mine))
+        panels = [[None] * len(methods) for _ in combos]
+        for r, folder in mine:
+            path = os.path.join(folder, f"scatter_{run_tag(r)}.png")
+            panels[combos.index(r["combo"])][methods.index(r["method"])] = Image.open(path)
+        first = mine[0][0]
+        header = (
+            f"{dataset}, seed {seed}, {first['iters']} iterations, {label}, mapping "
+            f"{first['mapping']}; rows: combos, columns: methods; grey: real points"
+        )
+        several = len({key[2] for key in keys}) > 1  # only a combined table mixes settings
+        suffix = "".join(ch if ch.isalnum() else "-" for ch in "_" + label) if several else ""
+        sheet = draw_overview(panels, header)
+        sheet.save(os.path.join(out_dir, f"overview_{dataset}_{seed}{suffix}.png"))
+
+
+def draw_coverage_panel(record, width=300, height=150):
     """Modes covered (blue, left scale 0..n_modes) and paper-KL (red, right scale 0..max) against
     iteration; warm-up shaded grey, the AS-Distance's active span (AS-IntroVAE) shaded yellow."""
+    cfg = Config(
+        iters=record["iters"],
+        warmup=record["warmup"],
+        schedule=record["schedule"],
+        variant=record["variant"],
+    )
     font = ImageFont.load_default()
     left, top, right, bottom = 28, 16, 34, 14
     panel = Image.new("RGB", (left + width + right, top + height + bottom), "white")
@@ -1196,9 +1228,9 @@ def draw_coverage_panel(record, cfg, width=300, height=150):
     return panel
 
 
-def write_coverage(records, cfg, out_dir, per_row=4):
+def write_coverage(records, out_dir, per_row=4):
     """coverage.png: one panel per run (modes and paper-KL against iteration)."""
-    panels = [draw_coverage_panel(r, cfg) for r in records if r["trace"]]
+    panels = [draw_coverage_panel(r) for r in records if r["trace"]]
     if not panels:
         return
     rows = [panels[i : i + per_row] for i in range(0, len(panels), per_row)]
@@ -1256,8 +1288,9 @@ def format_trace(groups):
 
 
 def format_seed_table(records):
-    """Markdown: per (dataset, combo, method) mean +- std over seeds of paper-KL, paper-JSD, gnELBO
-    (1e-7 units) and modes, each beside the published value of that cell ('-' where none)."""
+    """Markdown: per (dataset, combo, method, setting) mean +- std over seeds of paper-KL,
+    paper-JSD, gnELBO (1e-7 units) and modes, each beside the published value of that cell ('-'
+    where none; the paper ran the protocol setting only)."""
 
     def published(key, dataset, combo, method):
         value = PAPER.get((dataset, combo), {}).get(key, (None,) * 4)[METHODS.index(method)]
@@ -1266,24 +1299,24 @@ def format_seed_table(records):
         return f"{value:g}"
 
     lines = [
-        "| dataset | combo | method | seeds | KL ours | KL paper | JSD ours | JSD paper "
+        "| dataset | combo | method | setting | seeds | KL ours | KL paper | JSD ours | JSD paper "
         "| gnELBO ours | gnELBO paper | modes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    cells = dict.fromkeys((r["dataset"], r["combo"], r["method"]) for r in records)
-    for cell in cells:
-        dataset, combo, method = cell
+    keys = dict.fromkeys((r["dataset"], r["combo"], r["method"], setting(r)) for r in records)
+    for dataset, combo, method, label in keys:
+        cell = (dataset, combo, method)
         mine = [
             r
             for r in records
-            if (r["dataset"], r["combo"], r["method"]) == (dataset, combo, method)
+            if (r["dataset"], r["combo"], r["method"], setting(r)) == (*cell, label)
         ]
         gnelbo = [None if r["gnelbo"] is None else 1e7 * r["gnelbo"] for r in mine]
         modes = [r["modes"] for r in mine if r["modes"] is not None]
         n_modes = next((r["n_modes"] for r in mine if r.get("n_modes")), None)
         mode_text = "-" if not modes else f"{', '.join(map(str, modes))} of {n_modes}"
         lines.append(
-            f"| {dataset} | {combo} | {METHOD_NAMES[method]} | {len(mine)} "
+            f"| {dataset} | {combo} | {METHOD_NAMES[method]} | {label} | {len(mine)} "
             f"| {spread([r['kl_paper'] for r in mine])} | {published('kl', *cell)} "
             f"| {spread([r['jsd_paper'] for r in mine])} | {published('jsd', *cell)} "
             f"| {spread(gnelbo)} | {published('gnelbo', *cell)} | {mode_text} |"
@@ -1347,8 +1380,37 @@ def describe_costs(costs, unit="ms/it"):
     return ", ".join(f"{name} {1000 * sec:.1f} {unit}" for name, sec in costs.items())
 
 
+def collect(folders, out_dir):
+    """The seed table of finished runs in several folders (each with results.json), and, with an
+    output folder, that table.md, the overviews and coverage.png of all of them together."""
+    records, sources = [], []
+    for folder in folders:
+        path = os.path.join(folder, "results.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--table: {path} does not exist (is that run finished?)")
+        with open(path) as fh:
+            found = json.load(fh)
+        records += found
+        sources += [folder] * len(found)
+    table = format_seed_table(records)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "table.md"), "w") as fh:
+            fh.write(table + "\n")
+        write_overviews(records, out_dir, sources)
+        write_coverage(records, out_dir)
+    return table
+
+
 def main(argv=None):
     cfg = parse_config(argv)
+    if cfg.table:
+        try:
+            print(collect(cfg.table.split(","), cfg.out))
+        except FileNotFoundError as err:
+            print(f"toy2d.py: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -1361,7 +1423,8 @@ def main(argv=None):
         total = predicted_seconds(cfg, costs, 0, cfg.iters)
         print(
             f"{len(runs)} runs side by side ({layout}), batch {cfg.batch_size}, {device}, "
-            f"{cfg.precision}, {torch.get_num_threads()} threads: {describe_costs(costs, 'ms/iteration')} "
+            f"{cfg.precision}, {torch.get_num_threads()} threads: "
+            f"{describe_costs(costs, 'ms/iteration')} "
             f"(mean of {cfg.bench} after 2 untimed); projected {cfg.iters} iterations: "
             f"{format_seconds(total)}"
         )
@@ -1413,8 +1476,8 @@ def main(argv=None):
                 failures[run.tag] = bad
                 print(f"{run.tag}: non-finite loss from iteration {bad}; its metrics are NaN")
     records = evaluate(groups, cfg, out_dir, train_seconds, failures)
-    write_overviews(records, cfg, out_dir)
-    write_coverage(records, cfg, out_dir)
+    write_overviews(records, out_dir)
+    write_coverage(records, out_dir)
     with open(os.path.join(out_dir, "results.json.tmp"), "w") as fh:
         json.dump(records, fh, indent=1)
         fh.flush()

@@ -78,8 +78,9 @@ def test_trace_table_and_coverage(smoke):
         assert r["trace"][-1]["modes"] == r["modes"]
         assert r["trace"][-1]["kl_paper"] == pytest.approx(round(r["kl_paper"], 3), abs=1e-12)
     table = (out / "table.md").read_text().splitlines()
-    assert table[0].startswith("| dataset | combo | method | seeds | KL ours | KL paper |")
+    assert table[0].startswith("| dataset | combo | method | setting | seeds | KL ours | KL paper |")
     as_row = next(line for line in table if "| AS-IntroVAE |" in line)
+    assert "| 12 it | 1 |" in as_row  # one seed, 12 iterations instead of the protocol's 30000
     assert "| 1.3 |" in as_row and "| 4.4 |" in as_row  # the paper's Table 1, column C2
     with Image.open(out / "coverage.png") as image:
         assert image.width > 300 and image.height > 150
@@ -142,6 +143,27 @@ def test_until_stops_early_and_the_same_command_finishes(tmp_path, capsys):
     assert "at iteration 50" in capsys.readouterr().out
     records = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [e["t"] for e in records[0]["trace"]] == [50, 100]
+
+
+def test_table_combines_finished_runs_with_the_seed_spread(smoke, tmp_path, capsys):
+    out, _ = smoke
+    records = json.loads((out / "results.json").read_text())
+    other = tmp_path / "seed93"
+    other.mkdir()
+    shifted = [dict(r, seed=93, kl_paper=r["kl_paper"] + 2.0) for r in records]
+    (other / "results.json").write_text(json.dumps(shifted))
+    for r in records:
+        tag = f"8gaussians_{r['method']}_C2"
+        (other / f"scatter_{tag}_93.png").write_bytes((out / f"scatter_{tag}_92.png").read_bytes())
+    assert toy2d_module.main(["--table", f"{out},{other}", "--out", str(tmp_path / "all")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "| VAE |" in line)
+    kl = records[0]["kl_paper"]
+    # two seeds, kl and kl + 2: mean kl + 1, sample std sqrt(2)
+    assert f"| 2 | {kl + 1:.2f} ± {2 ** 0.5:.2f} | 220.3 |" in row
+    assert (tmp_path / "all" / "table.md").exists() and (tmp_path / "all" / "coverage.png").exists()
+    assert (tmp_path / "all" / "overview_8gaussians_93.png").exists()
+    assert toy2d_module.main(["--table", str(tmp_path / "missing")]) == 2
+    assert "results.json does not exist" in capsys.readouterr().err
 
 
 def test_bad_flag_through_the_real_command_line():
