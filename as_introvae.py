@@ -1380,20 +1380,29 @@ def restore_vae_s_state(vae_s_state, record, path):
                        term_sums={name: total.to(device) for name, total in record["term_sums"].items()})
 
 
+def write_atomically(path, write, binary=False):
+    """write(handle) into a temporary file in the same folder, flushed to disk, then renamed over
+    path: a run killed at any moment leaves the old file or the new one, never a part."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb" if binary else "w") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, value):
+    write_atomically(path, lambda handle: json.dump(value, handle, indent=2))
+
+
 def save_checkpoint(path, nets, opts, step, epoch, total_iters, cfg, avae_s=None):
-    """Write atomically: a temp file in the same folder, flushed to disk, then renamed over the old one.
-    avae_s: avae_s_record(...) for the AVAE-S models."""
+    """checkpoint.pt, written atomically; avae_s: avae_s_record(...) for the AVAE-S models."""
     state = {"step": step, "epoch": epoch, "total_iters": total_iters, "config": dataclasses.asdict(cfg), "rng": rng_state(),
              "nets": {name: unwrap(net).state_dict() for name, net in nets.items()},
              "opts": {name: o.state_dict() for name, o in opts.items()}}
     if avae_s is not None:
         state["avae_s"] = avae_s
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, functools.partial(torch.save, state), binary=True)
 
 
 def load_checkpoint(path):
@@ -1524,31 +1533,58 @@ def read_log(path, max_step):
     return [r for r in records if r["step"] <= max_step]
 
 
-def train(cfg):
+@dataclass
+class Run:
+    """What a training run holds besides the config: where it writes, the data, Eq. 9's T and s,
+    the networks and optimisers, the VAE-S state, and the step it starts from."""
+    out_dir: str
+    ckpt_path: str
+    device: torch.device
+    amp: object  # amp() -> a bf16 autocast context on CUDA, a no-op elsewhere
+    train_set: object
+    test_set: object
+    split: str  # the name of the evaluation split
+    s: float  # 1 / (C H W)
+    iters_per_epoch: int
+    total_iters: int  # T of Eq. 9
+    stop: int
+    schedule: str  # annealing_coefficient's schedule
+    nets: dict
+    opts: dict
+    vae_s_state: object
+    step: int
+    resumed: bool
+
+
+def start_or_resume(cfg):
+    """A new run, or the run whose checkpoint.pt is in the run folder (same flags, same RNG state)."""
     out_dir = cfg.out or os.path.join("runs", run_name(cfg))
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     state = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
-    schedule = "tanh" if cfg.model == "asintrovae" and cfg.variant == "official" else "linear"
+    official = cfg.model == "asintrovae" and cfg.variant == "official"
+    schedule = "tanh" if official else "linear"  # OFFICIAL: the released code anneals with tanh
     if state is not None:
         check_same_run(config_from_checkpoint(state, ckpt_path), cfg, ckpt_path)
         c_now = annealing_coefficient(state["step"], state["total_iters"], schedule)
         print(f"resuming from {ckpt_path} at step {state['step']} of {state['total_iters']}"
               + (f" (c = {c_now:.6f})" if cfg.model == "asintrovae" else "")
-              + (f" (phase {phase_name(cfg, state['epoch'])})" if cfg.model in ADVERSARIAL_MODELS else ""), flush=True)
+              + (f" (phase {phase_name(cfg, state['epoch'])})"
+                 if cfg.model in ADVERSARIAL_MODELS else ""), flush=True)
     device, amp = setup_device(cfg.device, cfg.bf16)
     train_set, test_set, split = load_data(cfg)
     if isinstance(train_set, ImageArray):
         train_set.images = train_set.images.to(device)
-    image_channels = train_set.shape[0]
-    s = 1.0 / math.prod(train_set.shape)  # 1 / (C H W): keeps the exp-terms from vanishing (Soft-IntroVAE)
+    s = 1.0 / math.prod(train_set.shape)  # 1 / (C H W): keeps the exp-terms from vanishing
     iters_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_iters = iters_per_epoch * cfg.epochs  # T of Eq. 9, the last partial batch included
     stop = min(total_iters, cfg.max_iters) if cfg.max_iters else total_iters
     check_batch_sizes(cfg, len(train_set), min(cfg.eval_images or len(test_set), len(test_set)))
     seed_everything(cfg.seed)
-    nets, opts = make_state(cfg, image_channels, device)
-    vae_s_state = (new_vae_s_state(len(train_set), cfg.lambda_batches or iters_per_epoch, device)
-                   if cfg.model in SHARP_MODELS else None)
+    nets, opts = make_state(cfg, train_set.shape[0], device)
+    vae_s_state = None
+    if cfg.model in SHARP_MODELS:
+        probe = cfg.lambda_batches or iters_per_epoch
+        vae_s_state = new_vae_s_state(len(train_set), probe, device)
     step = 0
     if state is not None:
         restore(state, nets, opts, ckpt_path)
@@ -1560,86 +1596,137 @@ def train(cfg):
         detail = {"asintrovae": f" ({cfg.variant})",
                   "avae": f" ({cfg.pretrain_epochs} pretrain + {cfg.adv_epochs} adversarial epochs)"}
         detail["avae-s"] = detail["avae"]
-        print(f"new run {out_dir}: {cfg.model}{detail.get(cfg.model, '')}{' on Table I nets' if cfg.arch == 'avae' else ''}"
-              f" on {cfg.dataset} {'x'.join(map(str, train_set.shape))}, {len(train_set)} images, {iters_per_epoch} "
-              f"iterations/epoch, T = {total_iters}, stop at {stop}, {describe_device(device)}", flush=True)
+        print(f"new run {out_dir}: {cfg.model}{detail.get(cfg.model, '')}"
+              f"{' on Table I nets' if cfg.arch == 'avae' else ''} on {cfg.dataset} "
+              f"{'x'.join(map(str, train_set.shape))}, {len(train_set)} images, {iters_per_epoch} "
+              f"iterations/epoch, T = {total_iters}, stop at {stop}, {describe_device(device)}",
+              flush=True)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as handle:
-        json.dump({**dataclasses.asdict(cfg), "derived": {
-            "image_shape": train_set.shape, "s": s, "train_images": len(train_set), "eval_split": split,
-            "iters_per_epoch": iters_per_epoch, "total_iters": total_iters, "device": describe_device(device),
-            "torch": torch.__version__}}, handle, indent=2)
-    log_path = os.path.join(out_dir, "log.jsonl")
-    records = read_log(log_path, step)
-    with open(log_path, "w") as handle:
-        handle.writelines(json.dumps(r) + "\n" for r in records)
+    derived = {"image_shape": train_set.shape, "s": s, "train_images": len(train_set),
+               "eval_split": split, "iters_per_epoch": iters_per_epoch, "total_iters": total_iters,
+               "device": describe_device(device), "torch": torch.__version__}
+    write_json(os.path.join(out_dir, "config.json"), {**dataclasses.asdict(cfg), "derived": derived})
+    return Run(out_dir, ckpt_path, device, amp, train_set, test_set, split, s, iters_per_epoch,
+               total_iters, stop, schedule, nets, opts, vae_s_state, step, resumed=state is not None)
 
-    # fixed inputs of the periodic grids, from their own generator so that grids never move the training RNG
-    grid_real = to_float(next(ordered_batches(train_set, cfg.batch_size, cfg.batch_size, 0)), device)
-    grid_noise = torch.randn(grid_real.shape[0], cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    progress_end = "\r" if sys.stdout.isatty() else "\n"  # one line rewritten in a terminal, a line per log in a file
-    sums, counts, count, images_seen, tick = {}, {}, 0, 0, time.perf_counter()
-    lambdas_shown = False
-    epoch = step // iters_per_epoch
-    while step < stop:
-        skip = step - epoch * iters_per_epoch
-        for batch in epoch_batches(train_set, cfg.batch_size, cfg.seed, epoch, skip, cfg.num_workers):
-            x = to_float(batch, device)
-            if cfg.hflip:
-                flip = torch.rand(x.shape[0], device=device) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            c = annealing_coefficient(step, total_iters, schedule)
-            stats = train_step(step_method(cfg, epoch), nets, opts, x, cfg, c, s, amp, vae_s_state)
+
+def flip_at_random(x, enabled):
+    """Mirror each image left-right with probability 1/2 (draws from the training RNG)."""
+    if not enabled:
+        return x
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def check_finite(stats, step, ckpt_path):
+    losses = {name: value for name, value in stats.items() if name.startswith("loss")}
+    if torch.isfinite(torch.stack(list(losses.values()))).all():
+        return
+    last = load_checkpoint(ckpt_path)["step"] if os.path.exists(ckpt_path) else None
+    values = ", ".join(f"{name} {value.item():.4g}" for name, value in losses.items())
+    where = f"last good checkpoint: {ckpt_path} (step {last})" if last is not None else "no checkpoint yet"
+    raise TrainingDiverged(f"non-finite loss at step {step + 1} ({values}); {where}")
+
+
+class TrainingLog:
+    """Averages the logged values over each log_every interval into log.jsonl, the progress line
+    and curves.png; a resumed run keeps the records up to its checkpoint's step."""
+
+    PROGRESS_KEYS = ("loss_e", "loss_d", "loss", "rec", "kl_real", "kl_fake", "kl_rec",
+                     "exp_elbo_fake", "as_dist", "c", "tc", "loss_dis", "loss_adv", "disc_acc")
+
+    def __init__(self, cfg, out_dir, step, stop):
+        self.cfg, self.out_dir, self.stop = cfg, out_dir, stop
+        self.path = os.path.join(out_dir, "log.jsonl")
+        self.records = read_log(self.path, step)
+        lines = [json.dumps(record) + "\n" for record in self.records]
+        write_atomically(self.path, lambda handle: handle.writelines(lines))
+        # one line rewritten in a terminal, a line per record in a file
+        self.end = "\r" if sys.stdout.isatty() else "\n"
+        self.lambdas_shown = False
+        self.reset()
+
+    def reset(self):
+        self.sums, self.counts, self.steps, self.images = {}, {}, 0, 0
+        self.tick = time.perf_counter()
+
+    def add(self, step, epoch, stats, c, images, vae_s_state=None):
+        self.steps += 1
+        self.images += images
+        for key, value in stats.items():  # counted per key: an interval may span two phases
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+        if vae_s_state is not None and vae_s_state["rec_weights"] is not None and not self.lambdas_shown:
+            weights = " ".join(f"{name} {value:.4g}" for name, value in vae_s_state["rec_weights"].items())
+            print(f"AVAE-S Eq. 5 lambdas, frozen after {vae_s_state['term_count']} probe batches: "
+                  f"{weights}", flush=True)
+            self.lambdas_shown = True
+        if step % self.cfg.log_every and step != self.stop:
+            return
+        now = time.perf_counter()
+        rate = self.images / (now - self.tick)
+        record = {"step": step, "epoch": epoch + 1,
+                  **{key: (total / self.counts[key]).item() for key, total in self.sums.items()}}
+        if self.cfg.model == "asintrovae":
+            record["c"] = c
+        record["img_per_s"] = rate
+        self.records.append(record)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        eta = (self.stop - step) * (now - self.tick) / self.steps
+        shown = " ".join(f"{key} {record[key]:.4g}" for key in self.PROGRESS_KEYS if key in record)
+        print(f"epoch {epoch + 1}/{self.cfg.epochs} step {step}/{self.stop} | {rate:.0f} img/s | "
+              f"ETA {format_seconds(eta)} | {shown}", end=self.end, flush=True)
+        plot_curves(self.records, os.path.join(self.out_dir, "curves.png"), CURVE_KEYS)
+        self.reset()
+
+    def close(self):
+        if self.end == "\r":
+            print()
+
+
+def train(cfg):
+    """Algorithm 1: per iteration c (Eq. 9), the encoder step then the decoder step (train_step),
+    the decoder's EMA; with the log, the image grids and the checkpoints around it."""
+    run = start_or_resume(cfg)
+    nets, opts, step = run.nets, run.opts, run.step
+    log = TrainingLog(cfg, run.out_dir, step, run.stop)
+    # the grids' fixed inputs; their noise has its own generator, so grids never move the training RNG
+    grid_real = to_float(next(ordered_batches(run.train_set, cfg.batch_size, cfg.batch_size, 0)),
+                         run.device)
+    grid_noise = torch.randn(grid_real.shape[0], cfg.z_dim,
+                             generator=torch.Generator().manual_seed(cfg.seed)).to(run.device)
+    epoch = step // run.iters_per_epoch
+    while step < run.stop:
+        skip = step - epoch * run.iters_per_epoch
+        for batch in epoch_batches(run.train_set, cfg.batch_size, cfg.seed, epoch, skip,
+                                   cfg.num_workers):
+            x = flip_at_random(to_float(batch, run.device), cfg.hflip)  # (B, C, H, W) in [0, 1]
+            c = annealing_coefficient(step, run.total_iters, run.schedule)
+            stats = train_step(step_method(cfg, epoch), nets, opts, x, cfg, c, run.s, run.amp,
+                               run.vae_s_state)
             update_ema(nets["ema"], unwrap(nets["decoder"]), cfg.ema_decay)
-            losses = {k: v for k, v in stats.items() if k.startswith("loss")}
-            if not torch.isfinite(torch.stack(list(losses.values()))).all():
-                last = load_checkpoint(ckpt_path)["step"] if os.path.exists(ckpt_path) else None
-                values = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
-                raise TrainingDiverged(f"non-finite loss at step {step + 1} ({values}); " + (
-                    f"last good checkpoint: {ckpt_path} (step {last})" if last is not None else "no checkpoint yet"))
+            check_finite(stats, step, run.ckpt_path)
             step += 1
-            count += 1
-            images_seen += x.shape[0]
-            for key, value in stats.items():  # counted per key: an interval may span a change of step function
-                sums[key] = sums.get(key, 0.0) + value
-                counts[key] = counts.get(key, 0) + 1
-            if vae_s_state is not None and vae_s_state["rec_weights"] is not None and not lambdas_shown:
-                weights = " ".join(f"{name} {value:.4g}" for name, value in vae_s_state["rec_weights"].items())
-                print(f"AVAE-S Eq. 5 lambdas, frozen after {vae_s_state['term_count']} probe batches: {weights}",
-                      flush=True)
-                lambdas_shown = True
-            if step % cfg.log_every == 0 or step == stop:
-                now = time.perf_counter()
-                rate = images_seen / (now - tick)
-                record = {"step": step, "epoch": epoch + 1, **{k: (v / counts[k]).item() for k, v in sums.items()}}
-                if cfg.model == "asintrovae":
-                    record["c"] = c
-                record["img_per_s"] = rate
-                records.append(record)
-                with open(log_path, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                eta = (stop - step) * (now - tick) / count
-                keys = [k for k in ("loss_e", "loss_d", "loss", "rec", "kl_real", "kl_fake", "kl_rec", "exp_elbo_fake",
-                                    "as_dist", "c", "tc", "loss_dis", "loss_adv", "disc_acc") if k in record]
-                print(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{stop} | {rate:.0f} img/s | ETA {format_seconds(eta)}"
-                      f" | " + " ".join(f"{k} {record[k]:.4g}" for k in keys), end=progress_end, flush=True)
-                plot_curves(records, os.path.join(out_dir, "curves.png"), CURVE_KEYS)
-                sums, counts, count, images_seen, tick = {}, {}, 0, 0, time.perf_counter()
-            if step % cfg.img_every == 0 or step == stop:
-                training_grid(nets, grid_real, grid_noise, cfg.bn_mode, amp, os.path.join(out_dir, f"grid_{step:07d}.png"))
-            if step % cfg.ckpt_every == 0 or step == stop:
-                save_checkpoint(ckpt_path, nets, opts, step, step // iters_per_epoch, total_iters, cfg,
-                                avae_s_record(cfg, step // iters_per_epoch, vae_s_state))
-            if step >= stop:
+            log.add(step, epoch, stats, c, x.shape[0], run.vae_s_state)
+            if step % cfg.img_every == 0 or step == run.stop:
+                path = os.path.join(run.out_dir, f"grid_{step:07d}.png")
+                training_grid(nets, grid_real, grid_noise, cfg.bn_mode, run.amp, path)
+            if step % cfg.ckpt_every == 0 or step == run.stop:
+                epochs_done = step // run.iters_per_epoch
+                save_checkpoint(run.ckpt_path, nets, opts, step, epochs_done, run.total_iters, cfg,
+                                avae_s_record(cfg, epochs_done, run.vae_s_state))
+            if step >= run.stop:
                 break
         epoch += 1
-    if progress_end == "\r":
-        print()
-    if state is not None and state["step"] >= stop:
-        print(f"training already done at step {state['step']} (stop at {stop}); evaluating", flush=True)
-    results = evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir)
-    results.update(checkpoint=ckpt_path, step=step, **avae_s_results(cfg, step, iters_per_epoch, vae_s_state))
-    write_results(results, out_dir)
+    log.close()
+    if run.resumed and run.step >= run.stop:
+        print(f"training already done at step {run.step} (stop at {run.stop}); evaluating", flush=True)
+    results = evaluate(nets, cfg, run.train_set, run.test_set, run.split, run.device, run.amp,
+                       run.out_dir)
+    results.update(checkpoint=run.ckpt_path, step=step,
+                   **avae_s_results(cfg, step, run.iters_per_epoch, run.vae_s_state))
+    write_results(results, run.out_dir)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1670,11 +1757,10 @@ SHARPNESS_NOTE = ("Laplacian variance of the grey image on the [0, 255] scale (e
 
 @torch.no_grad()
 def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir):
-    """Reconstruction PSNR / SSIM / MSE / cosine similarity with z = mu (Table 3's protocol; cosine: AVAE-S Table
-    III) on the evaluation split, FID of EMA-decoder samples against the training images at the four Inception
-    depths, sharpness, sample and interpolation grids."""
+    """results.json's body: reconstruction scores and sharpness on the evaluation split, the
+    pictures, and FID of EMA-decoder samples against the training images."""
     encoder, decoder, ema = (unwrap(nets[k]) for k in ("encoder", "decoder", "ema"))
-    generator = torch.Generator().manual_seed(cfg.seed + 1)  # evaluation never touches the training RNG
+    generator = torch.Generator().manual_seed(cfg.seed + 1)  # never touches the training RNG
     batch = cfg.batch_size  # BatchNorm in train mode sees batches of the training size
 
     def sample(k):  # k EMA-decoder samples in [0, 1]; at least a training batch per forward
@@ -1685,52 +1771,72 @@ def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir):
     results = {"dataset": cfg.dataset, "model": cfg.model, "variant": cfg.variant, "arch": cfg.arch,
                "bn_mode": cfg.bn_mode}
     with batchnorm_mode([encoder, decoder, ema], cfg.bn_mode):
-        per_image = {"psnr": [], "ssim": [], "mse": [], "cosine": [], "sharp_real": [], "sharp_rec": [],
-                     "sharp_fake": []}
-        first = None
-        bar = Progress(min(cfg.eval_images or len(test_set), len(test_set)), "reconstruction")
-        for images in ordered_batches(test_set, batch, cfg.eval_images, cfg.num_workers):
-            x = to_float(images, device)
-            with amp():
-                rec = decoder(encoder(x)[0]).clamp(0, 1)
-            x_cpu, rec_cpu = x.float().cpu(), rec.float().cpu()
-            for name, metric in (("psnr", psnr), ("ssim", ssim), ("mse", mse), ("cosine", cosine_similarity)):
-                per_image[name].append(metric(x_cpu, rec_cpu)[0])
-            per_image["sharp_real"].append(sharpness(x_cpu)[0])
-            per_image["sharp_rec"].append(sharpness(rec_cpu)[0])
-            per_image["sharp_fake"].append(sharpness(sample(x.shape[0]).float().cpu())[0])
-            first = (x_cpu, rec_cpu) if first is None else first
-            bar.update(x.shape[0])
-        bar.close()
-        per_image = {k: np.concatenate(v) for k, v in per_image.items()}
-        psnr_finite = per_image["psnr"][np.isfinite(per_image["psnr"])]
-        results["reconstruction"] = {
-            "split": split, "images": int(per_image["mse"].size), "z": "mu", "decoder": "raw (not EMA)",
-            "psnr": float(psnr_finite.mean()) if psnr_finite.size else math.inf,
-            "psnr_identical_images": int(np.isinf(per_image["psnr"]).sum()),
-            "ssim": float(per_image["ssim"].mean()), "mse": float(per_image["mse"].mean()),
-            "cosine": float(per_image["cosine"].mean())}
-        results["sharpness"] = {"real": summary(per_image["sharp_real"]), "reconstructed": summary(per_image["sharp_rec"]),
-                                "generated_ema": summary(per_image["sharp_fake"]), "note": SHARPNESS_NOTE}
-
-        # grids: reconstructions, samples, latent interpolations between pairs of evaluation images
-        n = min(16, first[0].shape[0])
-        save_grid([first[0][:n], first[1][:n]], os.path.join(out_dir, "reconstruction.png"), nrow=n)
-        save_grid([sample(64)], os.path.join(out_dir, "samples.png"), nrow=8)
-        pairs = min(8, first[0].shape[0] // 2)
-        with amp():
-            mu = encoder(first[0].to(device))[0]  # (B, z)
-            weights = torch.linspace(0, 1, 8, device=device)[None, :, None]  # (1, 8, 1)
-            path = (1 - weights) * mu[:pairs, None] + weights * mu[pairs:2 * pairs, None]  # (pairs, 8, z)
-            frames = decoder(path.reshape(-1, cfg.z_dim)).reshape(pairs, 8, *first[0].shape[1:])
-        rows = [torch.cat([first[0][i:i + 1], frames[i].float().cpu(), first[0][pairs + i:pairs + i + 1]])
-                for i in range(pairs)]
-        results["images"] = {"reconstruction": "reconstruction.png", "samples": "samples.png"}
-        if rows:
-            save_grid(rows, os.path.join(out_dir, "interpolation.png"), nrow=10)
-            results["images"]["interpolation"] = "interpolation.png"
+        scores, first = reconstruction_scores(encoder, decoder, sample, test_set, split, cfg, device,
+                                              amp)
+        results.update(scores)
+        results["images"] = save_pictures(encoder, decoder, sample, first, cfg.z_dim, device, amp,
+                                          out_dir)
         results["fid"] = fid_of_samples(cfg, sample, train_set, device)
     return results
+
+
+def reconstruction_scores(encoder, decoder, sample, test_set, split, cfg, device, amp):
+    """PSNR / SSIM / MSE / cosine similarity of the reconstructions with z = mu (Table 3's protocol;
+    cosine: AVAE-S Table III) over the first eval_images of the evaluation split, and the sharpness
+    of real, reconstructed and generated images. -> ({"reconstruction", "sharpness"}, the first
+    batch (x, rec) on the CPU)."""
+    per_image = {name: [] for name in ("psnr", "ssim", "mse", "cosine", "sharp_real", "sharp_rec",
+                                       "sharp_fake")}
+    first = None
+    bar = Progress(min(cfg.eval_images or len(test_set), len(test_set)), "reconstruction")
+    for images in ordered_batches(test_set, cfg.batch_size, cfg.eval_images, cfg.num_workers):
+        x = to_float(images, device)
+        with amp():
+            rec = decoder(encoder(x)[0]).clamp(0, 1)
+        x_cpu, rec_cpu = x.float().cpu(), rec.float().cpu()
+        for name, metric in (("psnr", psnr), ("ssim", ssim), ("mse", mse),
+                             ("cosine", cosine_similarity)):
+            per_image[name].append(metric(x_cpu, rec_cpu)[0])
+        per_image["sharp_real"].append(sharpness(x_cpu)[0])
+        per_image["sharp_rec"].append(sharpness(rec_cpu)[0])
+        per_image["sharp_fake"].append(sharpness(sample(x.shape[0]).float().cpu())[0])
+        first = (x_cpu, rec_cpu) if first is None else first
+        bar.update(x.shape[0])
+    bar.close()
+    per_image = {name: np.concatenate(values) for name, values in per_image.items()}
+    psnr_finite = per_image["psnr"][np.isfinite(per_image["psnr"])]
+    reconstruction = {
+        "split": split, "images": int(per_image["mse"].size), "z": "mu", "decoder": "raw (not EMA)",
+        "psnr": float(psnr_finite.mean()) if psnr_finite.size else math.inf,
+        "psnr_identical_images": int(np.isinf(per_image["psnr"]).sum()),
+        "ssim": float(per_image["ssim"].mean()), "mse": float(per_image["mse"].mean()),
+        "cosine": float(per_image["cosine"].mean())}
+    sharp = {"real": summary(per_image["sharp_real"]), "reconstructed": summary(per_image["sharp_rec"]),
+             "generated_ema": summary(per_image["sharp_fake"]), "note": SHARPNESS_NOTE}
+    return {"reconstruction": reconstruction, "sharpness": sharp}, first
+
+
+def save_pictures(encoder, decoder, sample, first, z_dim, device, amp, out_dir):
+    """reconstruction.png (evaluation images over their reconstructions), samples.png (64 EMA
+    samples), interpolation.png (decoded straight lines between pairs of posterior means).
+    first: the first evaluation batch (x, rec) on the CPU. -> {picture: file name}."""
+    x, rec = first  # (B, C, H, W) each
+    n = min(16, x.shape[0])
+    save_grid([x[:n], rec[:n]], os.path.join(out_dir, "reconstruction.png"), nrow=n)
+    save_grid([sample(64)], os.path.join(out_dir, "samples.png"), nrow=8)
+    pictures = {"reconstruction": "reconstruction.png", "samples": "samples.png"}
+    pairs = min(8, x.shape[0] // 2)
+    with amp():
+        mu = encoder(x.to(device))[0]  # (B, z)
+        weights = torch.linspace(0, 1, 8, device=device)[None, :, None]  # (1, 8, 1)
+        path = (1 - weights) * mu[:pairs, None] + weights * mu[pairs:2 * pairs, None]  # (pairs, 8, z)
+        frames = decoder(path.reshape(-1, z_dim)).reshape(pairs, 8, *x.shape[1:])
+    rows = [torch.cat([x[i:i + 1], frames[i].float().cpu(), x[pairs + i:pairs + i + 1]])
+            for i in range(pairs)]
+    if rows:
+        save_grid(rows, os.path.join(out_dir, "interpolation.png"), nrow=10)
+        pictures["interpolation"] = "interpolation.png"
+    return pictures
 
 
 FID_DEPTHS = (64, 192, 768, 2048)  # pytorch-fid's blocks 0-3: first max pool, second max pool, pre-aux, pool3
@@ -1790,8 +1896,7 @@ def fid_of_samples(cfg, sample, train_set, device):
 
 def write_results(results, out_dir):
     path = os.path.join(out_dir, "results.json")
-    with open(path, "w") as handle:
-        json.dump(results, handle, indent=2)
+    write_json(path, results)
     rec, fid, sharp = results["reconstruction"], results["fid"], results["sharpness"]
     fid_text = "n/a"
     if fid["value"] is not None:
