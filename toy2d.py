@@ -822,28 +822,30 @@ def train(groups, cfg, start, stop, ckpt_path=None, train_seconds=0.0, progress=
 
 
 def phase_costs(groups, cfg, n_iters, warm=2):
-    """Measured wall seconds per iteration of all groups together in each phase of the run:
-    {phase name: seconds}, from n_iters timed steps after `warm` untimed ones, on the given groups
-    (their weights move: pass fresh copies when the run must not notice)."""
+    """Measured seconds per iteration of all groups together in each phase of the run, as two
+    dicts {phase name: seconds}: wall time and this process's CPU time (which other load on a
+    shared CPU disturbs less). From n_iters timed steps after `warm` untimed ones, on the given
+    groups (their weights move: pass fresh copies when the run must not notice)."""
     warmup, _ = schedule(cfg.iters, cfg.warmup)
     anneal = annealing_schedule(cfg)
     device = groups[0].device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     blocks = [g.draw_block(1, cfg.batch_size) for g in groups]
-    costs = {}
+    costs, cpu_costs = {}, {}
     for name, begin, end in phases(cfg):
         t = begin
         for i in range(warm + n_iters):
             if i == warm:
                 sync()
-                tic = time.perf_counter()
+                tic, tic_cpu = time.perf_counter(), time.process_time()
             c = annealing_coefficient(t, cfg.iters, anneal)
             with autocast(device, cfg.precision):
                 for g, (data, noise) in zip(groups, blocks):
                     g.step(t, data[0], noise[0], warmup, c, cfg.variant)
         sync()
         costs[name] = (time.perf_counter() - tic) / n_iters
-    return costs
+        cpu_costs[name] = (time.process_time() - tic_cpu) / n_iters
+    return costs, cpu_costs
 
 
 def predicted_seconds(cfg, costs, begin, end):
@@ -1419,14 +1421,15 @@ def main(argv=None):
     groups = build_groups(runs, cfg, device)
     layout = ", ".join(f"{g.method} x{len(g.runs)}" for g in groups)
     if cfg.bench:
-        costs = phase_costs(groups, cfg, cfg.bench)
+        costs, cpu_costs = phase_costs(groups, cfg, cfg.bench)
         total = predicted_seconds(cfg, costs, 0, cfg.iters)
         print(
             f"{len(runs)} runs side by side ({layout}), batch {cfg.batch_size}, {device}, "
             f"{cfg.precision}, {torch.get_num_threads()} threads: "
-            f"{describe_costs(costs, 'ms/iteration')} "
-            f"(mean of {cfg.bench} after 2 untimed); projected {cfg.iters} iterations: "
-            f"{format_seconds(total)}"
+            f"wall {describe_costs(costs, 'ms/iteration')}; process CPU "
+            f"{describe_costs(cpu_costs, 'ms/iteration')} (mean of {cfg.bench} after 2 untimed); "
+            f"projected {cfg.iters} iterations: {format_seconds(total)} wall, "
+            f"{format_seconds(predicted_seconds(cfg, cpu_costs, 0, cfg.iters))} CPU"
         )
         return 0
 
@@ -1456,7 +1459,7 @@ def main(argv=None):
     )
     stop = min(cfg.until, cfg.iters) if cfg.until else cfg.iters
     if start < stop:
-        costs = phase_costs(build_groups(runs, cfg, device), cfg, n_iters=3, warm=1)
+        costs, _ = phase_costs(build_groups(runs, cfg, device), cfg, n_iters=3, warm=1)
         expected = predicted_seconds(cfg, costs, start, stop)
         print(f"expected training time {format_seconds(expected)} ({describe_costs(costs)})")
         progress = PhaseProgress(cfg, costs, start, stop)
