@@ -1,5 +1,10 @@
 """Shared test plumbing: the three top-level scripts importable from any working directory, and the
-fixtures several test files use (plain helper functions live in helpers.py)."""
+fixtures several test files use (plain helper functions live in helpers.py).
+
+Device switch: ASVAE_TEST_DEVICE=cuda (or cuda:1, cpu; default cpu) sets the `device` fixture, so
+the tests that take it run their assertions on that device. A device that is not there stops the
+run with one line instead of quietly testing the CPU.
+"""
 
 import os
 import sys
@@ -10,6 +15,49 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+DEVICE_VARIABLE = "ASVAE_TEST_DEVICE"
+
+
+def test_device():
+    """torch.device named by $ASVAE_TEST_DEVICE (default cpu); pytest.UsageError if unusable."""
+    name = os.environ.get(DEVICE_VARIABLE, "").strip() or "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise pytest.UsageError(
+            f"{DEVICE_VARIABLE}={name!r} is not a torch device (cpu, cuda, cuda:1)"
+        )
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(f"{DEVICE_VARIABLE}={name} but torch sees no CUDA GPU")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise pytest.UsageError(
+                f"{DEVICE_VARIABLE}={name} but torch sees {torch.cuda.device_count()} CUDA GPU(s)"
+            )
+        device = torch.device("cuda", device.index or 0)
+    elif device.type != "cpu":
+        raise pytest.UsageError(f"{DEVICE_VARIABLE}={name}: only cpu and cuda are supported")
+    return device
+
+
+test_device.__test__ = False  # a helper, not a test
+
+
+def pytest_configure(config):
+    test_device()  # a bad device stops the run before collection
+
+
+def pytest_report_header(config):
+    device = test_device()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return f"device-dependent tests ({DEVICE_VARIABLE}): {device} ({where})"
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The torch.device of the device-dependent tests: $ASVAE_TEST_DEVICE, default cpu."""
+    return test_device()
 
 
 @pytest.fixture(scope="module")

@@ -229,19 +229,28 @@ def test_ssim_golden():
     )
 
 
-def test_ssim_torch_is_differentiable_and_keeps_dtype():
-    x = smooth_images(2, 3, 16, 16, seed=9)
-    y = noisy(x, 0.1, seed=10).requires_grad_(True)
+def test_ssim_torch_is_differentiable_and_keeps_dtype(device):
+    """On `device` (ASVAE_TEST_DEVICE): float64 SSIM equals the CPU evaluation's to 1e-12 (the
+    same sums in another order), float32 to 1e-5; gradients check out in float64."""
+    x_cpu = smooth_images(2, 3, 16, 16, seed=9)
+    y_cpu = noisy(x_cpu, 0.1, seed=10)
+    x, y = x_cpu.to(device), y_cpu.to(device).requires_grad_(True)
     value = em.ssim_torch(x, y)
-    assert value.dtype == torch.float64 and value.shape == (2,)
+    assert value.dtype == torch.float64 and value.shape == (2,) and value.device == device
+    np.testing.assert_allclose(value.detach().cpu().numpy(), em.ssim(x_cpu, y_cpu)[0], rtol=1e-12)
+    golden = [
+        0.7387712226094245,
+        0.7715130380177618,
+    ]  # frozen; em.ssim matches skimage (test_ssim_vs_skimage)
+    np.testing.assert_allclose(value.detach().cpu().numpy(), golden, rtol=1e-10)
     (1 - value).sum().backward()
     assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
     # smallest valid size: few gradcheck forwards
     corner = y[:1, :1, :11, :12].detach().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: em.ssim_torch(x[:1, :1, :11, :12], t), (corner,))
     value32 = em.ssim_torch(x.float(), y.detach().float())
-    assert value32.dtype == torch.float32
-    np.testing.assert_allclose(value32.numpy(), value.detach().numpy(), atol=1e-5)
+    assert value32.dtype == torch.float32 and value32.device == device
+    np.testing.assert_allclose(value32.cpu().numpy(), value.detach().cpu().numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(1, 11, 11), (3, 28, 28), (3, 48, 40), (1, 64, 64)])
@@ -644,7 +653,13 @@ def test_cli_process_exit_code_and_help(capsys):
 
 def test_boolean_options_take_a_value(tmp_path, capsys):
     folder = save_images(str(tmp_path / "s"), smooth_images(2, 3, 16, 16, seed=24))
-    for word, shown in (("false", False), ("NO", False), ("0", False), ("true", True), ("on", True)):
+    for word, shown in (
+        ("false", False),
+        ("NO", False),
+        ("0", False),
+        ("true", True),
+        ("on", True),
+    ):
         code, out, err = run_cli(capsys, "sharpness", folder, "--progress", word)
         assert code == 0 and "over 2 images" in out and ("sharpness: 2/2" in err) == shown
     for argv, needle in (
@@ -665,7 +680,11 @@ def test_atomic_write_and_stats_file(tmp_path):
     written = em.save_stats(target, np.arange(3), np.eye(3))  # numpy's rule: '.npz' appended
     assert written == target + ".npz" and sorted(os.listdir(tmp_path)) == ["stats.npz"]
     mu, sigma = em.load_stats(written)
-    assert mu.dtype == np.float64 and np.array_equal(mu, [0, 1, 2]) and np.array_equal(sigma, np.eye(3))
+    assert (
+        mu.dtype == np.float64
+        and np.array_equal(mu, [0, 1, 2])
+        and np.array_equal(sigma, np.eye(3))
+    )
     umask = os.umask(0o022)
     os.umask(umask)
     assert os.stat(written).st_mode & 0o777 == 0o666 & ~umask

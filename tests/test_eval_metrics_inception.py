@@ -11,6 +11,8 @@ full 299x299 forward (~0.15 s on 2 cores).
 import copy
 import math
 import os
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -96,16 +98,47 @@ def weights_file(tmp_path_factory):
         os.environ["TORCH_HOME"] = previous
 
 
+@pytest.fixture(scope="module", autouse=True)
+def full_float32():
+    """CUDA convolutions in true float32: PyTorch lets cuDNN use TF32 (10-bit mantissa) by default,
+    and the golden values and tolerances here are float32 ones. test_tf32_deviation measures what
+    the default costs."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="module")
-def ours(weights_file):
+def ours(weights_file, device):
     with pytest.warns(em.MetricWarning, match="not the official"):
-        return em.load_inception()  # weights=None: the torch hub cache, like pytorch-fid
+        # weights=None: the torch hub cache, like pytorch-fid
+        return em.load_inception(device=device)
 
 
 @pytest.fixture(scope="module")
-def ours64(weights_file):
+def ours64(weights_file, device):
+    with pytest.warns(em.MetricWarning):
+        return em.load_inception(weights_file, device=device, dims=64)
+
+
+@pytest.fixture(scope="module")
+def ours64_cpu(weights_file):
+    """For the plumbing tests that compare features of different batch compositions at 1e-12:
+    cuDNN may pick another kernel per batch size."""
     with pytest.warns(em.MetricWarning):
         return em.load_inception(weights_file, dims=64)
+
+
+def assert_same_features(ours, reference, device):
+    """Bit-identical on the CPU (the same kernels on the same batches). On CUDA within 1e-5 of the
+    largest feature: two networks may not get the same cuDNN kernels. Returns max |difference|."""
+    worst = float(np.abs(np.asarray(ours) - np.asarray(reference)).max())
+    if device.type == "cpu":
+        assert worst == 0.0
+    else:
+        assert worst <= 1e-5 * max(1.0, float(np.abs(reference).max()))
+    return worst
 
 
 def save_folder(folder, images, kinds):
@@ -141,7 +174,7 @@ def test_state_dict_keys_equal_pytorch_fid(weights_file):
     assert set(fid_net.state_dict()) == set(em.InceptionV3FID().state_dict())
 
 
-def test_features_golden_and_bit_identical_to_pytorch_fid(ours, ours64):
+def test_features_golden_and_bit_identical_to_pytorch_fid(ours, ours64, device):
     batches = [
         smooth_images(2, 32, 32, seed=1),
         smooth_images(1, 299, 299, seed=2),
@@ -152,8 +185,8 @@ def test_features_golden_and_bit_identical_to_pytorch_fid(ours, ours64):
         with torch.no_grad():
             got.append(
                 {
-                    dims: f.double().numpy()
-                    for dims, f in ours.features_by_depth(images, 2048).items()
+                    dims: f.double().cpu().numpy()
+                    for dims, f in ours.features_by_depth(images.to(device), 2048).items()
                 }
             )
     np.testing.assert_array_equal(em.inception_features(batches[0], ours), got[0][2048])
@@ -167,22 +200,18 @@ def test_features_golden_and_bit_identical_to_pytorch_fid(ours, ours64):
     )
 
     inception = pytest.importorskip("pytorch_fid.inception")
-    reference = inception.InceptionV3([0, 1, 2, 3]).eval()
+    reference = inception.InceptionV3([0, 1, 2, 3]).to(device).eval()
     worst = 0.0
     for images, ours_by_depth in zip(batches, got):
         with torch.no_grad():
-            blocks = reference(images)
+            blocks = reference(images.to(device))
         for dims, block in zip(em.CHOICES["dims"], blocks):
-            expected = (
-                torch.nn.functional.adaptive_avg_pool2d(block, output_size=(1, 1))
-                .flatten(1)
-                .double()
-                .numpy()
-            )
-            worst = max(worst, np.abs(ours_by_depth[dims] - expected).max())
-    assert worst == 0.0
+            pooled = torch.nn.functional.adaptive_avg_pool2d(block, output_size=(1, 1))
+            expected = pooled.flatten(1).double().cpu().numpy()
+            worst = max(worst, assert_same_features(ours_by_depth[dims], expected, device))
     report(
-        "Inception features, 64/192/768/2048-d, 32x32 / 299x299 / 96x400, equal batches",
+        f"Inception features on {device.type}, 64/192/768/2048-d, 32x32 / 299x299 / 96x400, "
+        "equal batches",
         "pytorch-fid InceptionV3",
         worst,
     )
@@ -201,7 +230,7 @@ def test_grey_and_rgba_tensors_match_rgb(ours64):
     )
 
 
-def test_eval_mode_always_and_bn_batch_stats(ours, weights_file):
+def test_eval_mode_always_and_bn_batch_stats(ours, weights_file, device):
     images = smooth_images(2, 32, 32, seed=5)
     expected = em.inception_features(images, ours)
     ours.train()  # a caller's slip: features must still be eval-mode ones
@@ -209,7 +238,7 @@ def test_eval_mode_always_and_bn_batch_stats(ours, weights_file):
     assert not ours.training
 
     with pytest.warns(em.MetricWarning):
-        train_mode = em.load_inception(weights_file, bn_batch_stats=True)
+        train_mode = em.load_inception(weights_file, device=device, bn_batch_stats=True)
     assert train_mode.training
     before = copy.deepcopy(train_mode.state_dict())
     batch_stats = em.inception_features(images, train_mode, batch_size=2)
@@ -228,15 +257,58 @@ def test_eval_mode_always_and_bn_batch_stats(ours, weights_file):
             assert torch.equal(tensor, before[key]), key  # running statistics never move
 
     inception = pytest.importorskip("pytorch_fid.inception")
-    reference_train = inception.InceptionV3([3]).train()  # Soft-IntroVAE never calls .eval()
+    # Soft-IntroVAE never calls .eval()
+    reference_train = inception.InceptionV3([3]).to(device).train()
     with torch.no_grad():
-        reference = reference_train(images)[0].flatten(1).double().numpy()
-    assert np.abs(batch_stats - reference).max() == 0.0
+        reference = reference_train(images.to(device))[0].flatten(1).double().cpu().numpy()
+    worst = assert_same_features(batch_stats, reference, device)
     report(
-        "bn_batch_stats features",
-        "pytorch-fid InceptionV3 in train mode",
-        np.abs(batch_stats - reference).max(),
+        f"bn_batch_stats features on {device.type}", "pytorch-fid InceptionV3 in train mode", worst
     )
+
+
+def test_tf32_deviation(ours, device):
+    """What cuDNN's default TF32 convolutions do to the features (CUDA only; the other tests here
+    run in true float32)."""
+    if device.type != "cuda":
+        pytest.skip("TF32 exists on CUDA only: run with ASVAE_TEST_DEVICE=cuda")
+    images = smooth_images(8, 32, 32, seed=40)
+    float32 = em.inception_features(images, ours)
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        tf32 = em.inception_features(images, ours)
+    finally:
+        torch.backends.cudnn.allow_tf32 = False
+    relative = float(np.abs(tf32 - float32).max() / np.abs(float32).max())
+    report(
+        "Inception features, cuDNN TF32 (PyTorch's default) vs float32, relative to the largest",
+        "float32 on the same GPU",
+        relative,
+    )
+    assert relative < 2e-2  # TF32 keeps 10 mantissa bits (~5e-4 per product), over 94 conv layers
+
+
+@pytest.mark.parametrize("pytorch_fid", ["installed", "missing"])
+def test_bench_feature_throughput(weights_file, device, capsys, monkeypatch, pytorch_fid):
+    if pytorch_fid == "missing":
+        for name in ("pytorch_fid", "pytorch_fid.inception", "pytorch_fid.fid_score"):
+            monkeypatch.setitem(sys.modules, name, None)  # every import of it now fails
+    else:
+        pytest.importorskip("pytorch_fid.inception")
+    argv = ["bench", "--weights", weights_file, "--device", str(device), "--bench-images", "4"]
+    argv += ["--batch-size", "2", "--bench-rounds", "1", "--bench-frechet", "false"]
+    assert em.main(argv) == 0
+    out = capsys.readouterr()[0]
+    assert out.count("pytorch-fid is not installed") == (pytorch_fid == "missing")
+    assert f"device {device}, torch " in out and "4 images of 32x32, batch 2, best of 1" in out
+    rates = dict(re.findall(r"features  (\S+) *: +([0-9.]+) images/s", out))
+    assert sorted(rates) == (
+        ["eval_metrics", "pytorch-fid"] if pytorch_fid == "installed" else ["eval_metrics"]
+    )
+    assert all(float(rate) > 0 for rate in rates.values()) and "Frechet" not in out
+    if pytorch_fid == "installed":
+        difference = float(re.search(r"max \|eval_metrics - pytorch-fid\| = (\S+)", out)[1])
+        assert difference == 0.0 if device.type == "cpu" else difference <= 1e-4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,30 +335,31 @@ def folders(tmp_path_factory):
 
 # scipy >= 1.16 deprecates the sqrtm(disp=) pytorch-fid uses
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_fid_end_to_end_vs_pytorch_fid_64d(folders, weights_file):
+def test_fid_end_to_end_vs_pytorch_fid_64d(folders, weights_file, device):
     with pytest.warns(em.MetricWarning) as records:  # unofficial weights, and n < 2048
-        fid = em.fid_from_dirs(folders["a"], folders["b"], dims=64)
+        fid = em.fid_from_dirs(folders["a"], folders["b"], dims=64, device=str(device))
     assert any("66 images < 2048" in str(record.message) for record in records)
     assert fid == pytest.approx(GOLDEN_FID_64, rel=1e-3)
     fid_score = pytest.importorskip("pytorch_fid.fid_score")
     reference = fid_score.calculate_fid_given_paths(
-        [folders["a"], folders["b"]], batch_size=50, device="cpu", dims=64, num_workers=0
+        [folders["a"], folders["b"]], batch_size=50, device=device, dims=64, num_workers=0
     )
     assert abs(fid - reference) <= 1e-3
     report(
-        "FID end to end, 66 vs 66 images, 64-d (full rank)",
+        f"FID end to end on {device.type}, 66 vs 66 images, 64-d (full rank)",
         "pytorch_fid calculate_fid_given_paths",
         abs(fid - reference),
     )
 
 
-def test_stats_cli_and_fid_2048d_vs_pytorch_fid(folders, weights_file, tmp_path, capsys):
+def test_stats_cli_and_fid_2048d_vs_pytorch_fid(folders, weights_file, tmp_path, capsys, device):
     stats_a, stats_b = str(tmp_path / "a8.npz"), str(tmp_path / "b8.npz")
-    assert em.main(["stats", folders["a8"], stats_a, "--progress", "false"]) == 0
+    on_device = ["--progress", "false", "--device", str(device)]
+    assert em.main(["stats", folders["a8"], stats_a, *on_device]) == 0
     out, err = capsys.readouterr()
     assert "saved mu (2048,) and sigma (2048, 2048) of 8 images" in out
     assert "warning: " in err and "8 images < 2048" in err and "not the official" in err
-    assert em.main(["stats", folders["b8"], stats_b, "--progress", "false"]) == 0
+    assert em.main(["stats", folders["b8"], stats_b, *on_device]) == 0
     capsys.readouterr()
     with np.load(stats_a) as raw:
         assert sorted(raw.files) == ["mu", "sigma"] and raw["sigma"].dtype == np.float64
@@ -298,24 +371,24 @@ def test_stats_cli_and_fid_2048d_vs_pytorch_fid(folders, weights_file, tmp_path,
 
     fid_score = pytest.importorskip("pytorch_fid.fid_score")
     inception = pytest.importorskip("pytorch_fid.inception")
-    model = inception.InceptionV3([3])
+    model = inception.InceptionV3([3]).to(device)
     worst = 0.0
     for folder, stats in ((folders["a8"], stats_a), (folders["b8"], stats_b)):
-        reference = fid_score.compute_statistics_of_path(folder, model, 50, 2048, "cpu", 0)
+        reference = fid_score.compute_statistics_of_path(folder, model, 50, 2048, device, 0)
         worst = max(
             [worst] + [np.abs(a - b).max() for a, b in zip(em.load_stats(stats), reference)]
         )
     assert worst <= 1e-5
     report(
-        "FID statistics mu / sigma, 8 images per set, 2048-d",
+        f"FID statistics mu / sigma on {device.type}, 8 images per set, 2048-d",
         "pytorch_fid compute_statistics_of_path",
         worst,
     )
 
 
-def test_generator_and_batches_equal_in_memory_stats(ours64):
+def test_generator_and_batches_equal_in_memory_stats(ours64_cpu):
     images = smooth_images(10, 32, 32, seed=10)
-    expected_mu, expected_sigma = em.feature_stats(em.inception_features(images, ours64))
+    expected_mu, expected_sigma = em.feature_stats(em.inception_features(images, ours64_cpu))
     stretched = 1.4 * images - 0.2  # the generator overshoots: clamped to [0, 1] inside
 
     chunks = iter(stretched.split(4))
@@ -326,9 +399,9 @@ def test_generator_and_batches_equal_in_memory_stats(ours64):
         return chunk
 
     with pytest.warns(em.MetricWarning, match="10 images < 2048"):
-        mu, sigma = em.stats_from_generator(generate, 10, ours64, batch_size=4, progress=False)
+        mu, sigma = em.stats_from_generator(generate, 10, ours64_cpu, batch_size=4, progress=False)
     clamped_mu, clamped_sigma = em.feature_stats(
-        em.inception_features(stretched.clamp(0, 1), ours64)
+        em.inception_features(stretched.clamp(0, 1), ours64_cpu)
     )
     np.testing.assert_allclose(mu, clamped_mu, rtol=0, atol=1e-12)
     np.testing.assert_allclose(sigma, clamped_sigma, rtol=0, atol=1e-12)
@@ -337,15 +410,15 @@ def test_generator_and_batches_equal_in_memory_stats(ours64):
         torch.utils.data.TensorDataset(images, torch.arange(10)), batch_size=4
     )
     with pytest.warns(em.MetricWarning):
-        mu, sigma, n = em.stats_from_batches(loader, ours64, progress=False)
+        mu, sigma, n = em.stats_from_batches(loader, ours64_cpu, progress=False)
     assert n == 10
     np.testing.assert_allclose(mu, expected_mu, rtol=0, atol=1e-12)
     np.testing.assert_allclose(sigma, expected_sigma, rtol=0, atol=1e-12)
     with pytest.warns(em.MetricWarning):
-        mu7, _, n7 = em.stats_from_batches(loader, ours64, max_images=7, progress=False)
+        mu7, _, n7 = em.stats_from_batches(loader, ours64_cpu, max_images=7, progress=False)
     assert n7 == 7
     np.testing.assert_allclose(
-        mu7, em.inception_features(images[:7], ours64).mean(axis=0), rtol=0, atol=1e-12
+        mu7, em.inception_features(images[:7], ours64_cpu).mean(axis=0), rtol=0, atol=1e-12
     )
 
     def constant(k):
@@ -353,11 +426,11 @@ def test_generator_and_batches_equal_in_memory_stats(ours64):
 
     for mode, level in (("round", 101.0), ("truncate", 100.0), ("none", 100.6)):
         with pytest.warns(em.MetricWarning):
-            mu, _ = em.stats_from_generator(constant, 2, ours64, progress=False, quantize=mode)
-        expected = em.inception_features(torch.full((1, 3, 16, 16), level / 255), ours64)[0]
+            mu, _ = em.stats_from_generator(constant, 2, ours64_cpu, progress=False, quantize=mode)
+        expected = em.inception_features(torch.full((1, 3, 16, 16), level / 255), ours64_cpu)[0]
         np.testing.assert_allclose(mu, expected, rtol=0, atol=1e-6)
     with pytest.raises(em.MetricInputError, match="at least 2 images"):
-        em.stats_from_batches([images[:1]], ours64, progress=False)
+        em.stats_from_batches([images[:1]], ours64_cpu, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
