@@ -1,23 +1,40 @@
-"""AS-IntroVAE (Lu et al., ACML 2022) and its baselines VAE, IntroVAE and Soft-IntroVAE on images, plus the
-sharpened VAEs of the AVAE-S paper (VAE-S, AVAE, AVAE-S): the models, the losses, the annealing schedule and
-the training loop, in one file.
+"""AS-IntroVAE (Lu et al., ACML 2022) and its baselines VAE, IntroVAE and Soft-IntroVAE on images,
+plus the sharpened VAEs of the AVAE-S paper (VAE-S, AVAE, AVAE-S): models, losses, the annealing
+schedule and the training loop, in one file.
 
-    python as_introvae.py --dataset cifar10                                  # AS-IntroVAE with the paper's settings
-    python as_introvae.py --dataset mnist --data-root ../shared/data         # a local torchvision root
-    python as_introvae.py --dataset npz --data-root ../shared/data/cifar10/train_first10k.npz \
-                          --test-root ../shared/data/cifar10/test.npz        # uint8 arrays (N, H, W[, C])
-    python as_introvae.py --dataset folder --data-root my_images --image-size 128
-    python as_introvae.py --dataset cifar10 --model sintrovae                # or introvae, vae: same nets, same loop
-    python as_introvae.py --dataset cifar10 --variant official               # what the released AS code computes
-    python as_introvae.py --dataset mnist --data-root ../shared/data --model vae-s           # AVAE-S paper baselines:
-    python as_introvae.py --dataset mnist --data-root ../shared/data --model avae-s --pretrain-epochs 100 --adv-epochs 50
-    python as_introvae.py --dataset celeba96 --data-root img_align_celeba --model avae-s     # Table I network, 96 px
-    python as_introvae.py --eval runs/cifar10_asintrovae_s0/checkpoint.pt    # PSNR/SSIM/MSE, FID, grids -> results.json
-    python as_introvae.py --dataset cifar10 --bench 20                       # ms/iteration, img/s, peak memory
+    python as_introvae.py --dataset cifar10 --data-root data     # AS-IntroVAE, the paper's settings
+    python as_introvae.py --dataset cifar10 --data-root data --model sintrovae  # or introvae, vae
+    python as_introvae.py --dataset cifar10 --data-root data --variant official # the released code
+    python as_introvae.py --dataset mnist --data-root data --model vae-s        # AVAE-S baselines:
+    python as_introvae.py --dataset mnist --data-root data --model avae-s \
+                          --pretrain-epochs 100 --adv-epochs 50                # vae-s, avae, avae-s
+    python as_introvae.py --dataset folder --data-root my_images --image-size 128  # image folder
+    python as_introvae.py --dataset celeba96 --data-root img_align_celeba --model avae-s  # 96px
+    python as_introvae.py --dataset npz --data-root train.npz --test-root test.npz  # uint8 arrays
+    python as_introvae.py --eval runs/cifar10_asintrovae_s0/checkpoint.pt  # PSNR, SSIM, FID, grids
+    python as_introvae.py --dataset cifar10 --bench 20            # ms/iteration, img/s, peak memory
 
-A run writes runs/<dataset>_<model>[_official]_s<seed>/ (or --out); rerunning the same command after a
-kill resumes from its checkpoint.pt. Every loss follows ../shared/spec/algorithm.md. "Eq. N" is the
-AS-IntroVAE paper's equation N unless another paper is named; "AVAE-S Eq. N" is ../shared/papers/avae-s.md's.
+torchvision downloads MNIST, FashionMNIST, CIFAR-10 and SVHN into --data-root when online. A run
+writes runs/<dataset>_<model>[_official]_s<seed>/ (or --out); the same command after a kill resumes
+from its checkpoint.pt. "Eq. N" is the AS-IntroVAE paper's equation N; equations of other papers
+carry the paper's name ("Soft-IntroVAE Eq. 4", "AVAE-S Eq. 5"). `# OFFICIAL:` marks what
+`--variant official` computes as the released AS-IntroVAE code does; `# DEVIATION:` marks where the
+default path departs from its paper, and why.
+
+Glossary: paper symbol, Config field (flag), default (a dataset's preset row may override it).
+    alpha     factor in the exponent of Eq. 9          as_intro_encoder_loss(alpha)    2
+    gamma     weight of the generated samples' ELBO    fixed                           1
+              in the decoder loss (Soft-IntroVAE)
+    gamma_r   weight of the re-reconstruction error    gamma_r (--gamma-r)             1e-8
+              in the decoder loss
+    s         scale of every ELBO in Eq. 9             derived: 1 / (C H W)            1/3072 CIFAR
+    beta_rec  weight of the reconstruction error       beta_rec (--beta-rec)           1.0
+    beta_kl   weight of the real data's KL and of the  beta_kl (--beta-kl)             1.0 (0.5 at
+              decoder's adversarial KL                                                 128, 256 px)
+    beta_neg  weight of the KL inside the exponent     beta_neg (--beta-neg)           256 (1024 at
+              (IntroVAE: of the hinges)                                                256 px)
+    c         Eq. 9's annealing coefficient            derived: min(5 t / T, 1)        0 at t = 0
+    T         iterations of the whole run              derived: iterations per epoch x epochs
 """
 import argparse
 import contextlib
@@ -33,7 +50,6 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,8 +58,9 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw
 
-from eval_metrics import (MetricInputError, Progress, frechet_distance, load_inception, mse, psnr, sharpness, ssim,
-                          ssim_torch, stats_from_batches, stats_from_generator)
+from eval_metrics import (MetricInputError, Progress, frechet_distance, list_images, load_inception, mse,
+                          parse_bool, psnr, sharpness, ssim, ssim_torch, stats_from_batches,
+                          stats_from_generator)
 
 
 class ConfigError(ValueError):
@@ -130,7 +147,7 @@ CHOICES = {
     "bn_mode": ("train", "eval"),
 }
 
-# The spec's preset table (AS-IntroVAE's run script). Each value is overridden by its flag.
+# The released AS-IntroVAE run script's settings, one row per dataset; each flag overrides its value.
 PRESETS = {
     "mnist": dict(image_size=28, channels=(64, 128), z_dim=32, batch_size=128, epochs=100,
                   beta_kl=1.0, beta_rec=1.0, beta_neg=256.0, margin=10.0),
@@ -144,14 +161,13 @@ PRESETS = {
 PRESETS["fmnist"] = PRESETS["mnist"]
 PRESETS["svhn"] = PRESETS["cifar10"]
 PRESETS["oxford"] = {**PRESETS["celeba128"], "z_dim": 128, "beta_kl": 1.0}
-# AVAE-S Sec. III: 96 x 96 CelebA, Table I's network, latent 32, 100 epochs of pre-training; batch size and
+# AVAE-S Sec. III: 96 x 96 CelebA, AVAE-S Table I's network, latent 32, 100 epochs of pre-training; batch size and
 # augmentation are not given (none here). channels are for --arch resnet (one stage per halving of 96).
 PRESETS["celeba96"] = {**PRESETS["celeba128"], "image_size": 96, "channels": (64, 128, 256, 512, 512), "z_dim": 32,
                        "beta_kl": 1.0, "hflip": False, "arch": "avae", "pretrain_epochs": 100}
 SHARP_MODELS = ("vae-s", "avae-s")  # AVAE-S Eq. 5's reconstruction loss and Eq. 10's total correlation
 ADVERSARIAL_MODELS = ("avae", "avae-s")  # pre-training, then AVAE-S Algorithm 1's adversarial fine-tuning
 TABLE_I_WIDTHS = (24, 48, 96, 192)  # AVAE-S Table I's conv widths (--arch avae); each halves the image side
-GABOR_MAX_KERNEL = 17  # side of the largest kernel of gabor_kernels() (wavelength 8 px): the smallest image
 SIZE_PRESET = {28: "mnist", 32: "cifar10", 128: "celeba128", 256: "celeba256"}  # folder / npz: the row of that size
 MODEL_PRESETS = {"introvae": dict(beta_rec=0.05, beta_kl=1.0, beta_neg=0.5)}  # IntroVAE as the AS paper ran it
 TORCHVISION_SETS = ("mnist", "fmnist", "cifar10", "svhn")
@@ -159,14 +175,6 @@ IMAGE_CHANNELS = {"mnist": 1, "fmnist": 1}  # everything else is RGB (npz: from 
 # Flags that steer a run or its evaluation but not what is trained: they may change on resume / --eval.
 RUN_FLAGS = {"data_root", "test_root", "out", "max_iters", "log_every", "img_every", "ckpt_every", "num_workers",
              "device", "bf16", "eval", "eval_images", "fid_samples", "fid_weights", "bn_mode", "bench"}
-
-
-def parse_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def parse_channels(text):
@@ -241,7 +249,7 @@ def validate(cfg):
         raise ConfigError(f"need --lr > 0 and 0 <= --ema-decay < 1, got {cfg.lr} and {cfg.ema_decay}")
     if cfg.arch == "avae":
         if cfg.image_size % 2 ** len(TABLE_I_WIDTHS):
-            raise ConfigError(f"--arch avae needs an --image-size divisible by 16 (Table I halves it 4 times), "
+            raise ConfigError(f"--arch avae needs an --image-size divisible by 16 (AVAE-S Table I halves it 4 times), "
                               f"got {cfg.image_size}")
     elif cfg.image_size % 2 ** len(cfg.channels):
         raise ConfigError(f"--image-size {cfg.image_size} is not divisible by 2^{len(cfg.channels)} = "
@@ -258,7 +266,7 @@ def validate(cfg):
                           f"AVAE-S Eq. 7), got --image-size {cfg.image_size}")
     if (cfg.model in SHARP_MODELS or cfg.arch == "avae") and cfg.batch_size < 2:
         raise ConfigError(f"--batch-size must be at least 2 for {cfg.model} / --arch {cfg.arch} (AVAE-S Eq. 10's "
-                          f"minibatch estimator and Table I's BatchNorm1d need 2 images)")
+                          f"minibatch estimator and AVAE-S Table I's BatchNorm1d need 2 images)")
 
 
 def run_name(cfg):
@@ -269,7 +277,7 @@ def run_name(cfg):
 
 def check_batch_sizes(cfg, train_images, eval_images):
     """With drop_last=False an epoch (or the evaluation) can end on a single image, which AVAE-S Eq. 10's
-    minibatch estimator and Table I's BatchNorm1d layers cannot take: refuse before anything runs."""
+    minibatch estimator and AVAE-S Table I's BatchNorm1d layers cannot take: refuse before anything runs."""
     if not (cfg.model in SHARP_MODELS or cfg.arch == "avae"):
         return
     for what, count, flag in (("training set", train_images, "--batch-size"), ("evaluation", eval_images, "--eval-images")):
@@ -281,9 +289,6 @@ def check_batch_sizes(cfg, train_images, eval_images):
 # ---------------------------------------------------------------------------------------------------
 # data: uint8 (N, C, H, W) batches; scaled to [0, 1] on the device (= ToTensor, no normalisation)
 # ---------------------------------------------------------------------------------------------------
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
 class ImageArray(torch.utils.data.Dataset):
     """A whole dataset held as one uint8 tensor (N, C, H, W); batches are gathered by indexing it."""
 
@@ -302,14 +307,17 @@ class ImageArray(torch.utils.data.Dataset):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Every image file under root (sorted), as RGB resized bicubic to size x size (no crop, as the official code)."""
+    """Every image under root, subfolders included, in eval_metrics.list_images' order (the folder
+    semantics of the FID and reconstruction commands too), as RGB resized bicubic to size x size
+    (no crop, as the released code)."""
 
     def __init__(self, root, size):
         if not os.path.isdir(root):
             raise DataError(f"data folder {root} does not exist")
-        self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not self.files:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        try:
+            self.files = list_images(root)
+        except MetricInputError as error:
+            raise DataError(str(error))
         self.size = size
 
     def __len__(self):
@@ -428,7 +436,7 @@ def to_float(images, device):
 
 
 # ---------------------------------------------------------------------------------------------------
-# model: Soft-IntroVAE's "standard" ResNet VAE (spec: training details; official notes 1.3)
+# model: Soft-IntroVAE's "standard" ResNet VAE, which the released AS-IntroVAE code uses
 # ---------------------------------------------------------------------------------------------------
 class ResBlock(nn.Module):
     """conv3x3-BN-LeakyReLU(0.2)-conv3x3-BN, plus the skip (1x1 conv when the channels change), then LeakyReLU(0.2)."""
@@ -439,7 +447,8 @@ class ResBlock(nn.Module):
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
             nn.LeakyReLU(0.2),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels))
-        # `!=`, not the official `is not` (trap 14), so equal channel counts always get the identity
+        # `!=`, not the released code's `is not` (an identity test on ints): equal channel counts
+        # always get the identity skip
         self.skip = nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else nn.Identity()
         self.act = nn.LeakyReLU(0.2)
 
@@ -521,7 +530,7 @@ class Discriminator(nn.Module):
 # Padding "same" (3x3: pad 1; 4x4 stride 2: pad 1, which halves the side), so 96 px -> 6 x 6. Convs before a
 # BatchNorm have no bias (the BatchNorm shift replaces it). The sampling layer is reparameterize().
 class AVAEEncoder(nn.Module):
-    """Table I encoder: x (B, C, S, S) -> mu, logvar, each (B, z_dim) in float32; S divisible by 16 (96 in the paper)."""
+    """AVAE-S Table I encoder: x (B, C, S, S) -> mu, logvar, each (B, z_dim) in float32; S divisible by 16 (96 in the paper)."""
 
     def __init__(self, image_channels, image_size, z_dim, widths=TABLE_I_WIDTHS):
         super().__init__()
@@ -534,7 +543,7 @@ class AVAEEncoder(nn.Module):
         self.conv = nn.Sequential(*layers)
         self.fc = nn.Sequential(nn.Linear(widths[-1] * side * side, 48, bias=False), nn.BatchNorm1d(48), nn.Tanh())
         self.fc_mu = nn.Linear(48, z_dim)
-        # DEVIATION: Table I names the second head z_sigma; it outputs log-variance here, like every encoder in
+        # DEVIATION: AVAE-S Table I names the second head z_sigma; it outputs log-variance here, like every encoder in
         # this file, so the shared KL and reparameterisation apply unchanged.
         self.fc_logvar = nn.Linear(48, z_dim)
 
@@ -544,7 +553,7 @@ class AVAEEncoder(nn.Module):
 
 
 class AVAEDecoder(nn.Module):
-    """Table I decoder: z (B, z_dim) -> image (B, C, S, S) in (0, 1) (sigmoid output), float32. Nearest-neighbour
+    """AVAE-S Table I decoder: z (B, z_dim) -> image (B, C, S, S) in (0, 1) (sigmoid output), float32. Nearest-neighbour
     upsampling after the first conv of each width (AVAE-S Sec. III: no checkerboard artifacts)."""
 
     def __init__(self, image_channels, image_size, z_dim, widths=TABLE_I_WIDTHS):
@@ -567,7 +576,7 @@ class AVAEDecoder(nn.Module):
 
 
 class AVAEDiscriminator(nn.Module):
-    """Dis(x) for --arch avae: Table I's encoder with each 4x4 stride-2 conv replaced by MaxPool2d(2) (AVAE-S
+    """Dis(x) for --arch avae: AVAE-S Table I's encoder with each 4x4 stride-2 conv replaced by MaxPool2d(2) (AVAE-S
     Sec. III), its 48-unit fully-connected layer (bnorm, tanh), then one logit. (B, C, S, S) -> logits (B,)."""
 
     def __init__(self, image_channels, image_size, widths=TABLE_I_WIDTHS):
@@ -947,7 +956,7 @@ REC_TERMS = ("mae", "mse", "1-ssim", "sobel", "gabor")  # the five terms of AVAE
 
 
 def loss_mae(x, rec):
-    """L_MAE of AVAE-S Eq. 5 (Algorithm 1: ||X - X~||_1): sum_p |x_p - rec_p| per sample. (B, ...) x 2 -> (B,).
+    """L_MAE of AVAE-S Eq. 5 (AVAE-S Algorithm 1: ||X - X~||_1): sum_p |x_p - rec_p| per sample. (B, ...) x 2 -> (B,).
     (L_MSE, ||X - X~||_2 read as the squared error, is sse(): lambda_MSE = 1 alone is the `vae` baseline.)"""
     return (x - rec).abs().flatten(1).sum(dim=1)
 
@@ -956,7 +965,7 @@ def loss_1_ssim(x, rec):
     """L_1-SSIM of AVAE-S Eq. 5 and 8: 1 - SSIM(x, rec) per sample, in [0, 2]. (B, C, H, W) x 2 -> (B,).
 
     SSIM is eval_metrics.ssim_torch, the function that scores SSIM at evaluation (Wang et al. 2004 with
-    alpha = beta = gamma = 1 in Eq. 8: 11-tap Gaussian window, sigma 1.5, valid region, data range 1),
+    alpha = beta = gamma = 1 in AVAE-S Eq. 8: 11-tap Gaussian window, sigma 1.5, valid region, data range 1),
     differentiable. rec is not clamped here (eval_metrics.ssim clamps): a clamp would zero the gradient
     of out-of-range pixels.
     """
@@ -967,7 +976,7 @@ def sobel_edges(x):
     """E_Sobel of AVAE-S Eq. 6: the two 3x3 Sobel gradient maps of every channel, valid region.
 
     G_x = [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]] as a cross-correlation (F.conv2d; positive on a dark-to-bright
-    step from left to right), G_y = G_x transposed; one scale, unnormalised (Eq. 5's lambda absorbs the scale).
+    step from left to right), G_y = G_x transposed; one scale, unnormalised (AVAE-S Eq. 5's lambda absorbs the scale).
     Both maps rather than the magnitude sqrt(G_x^2 + G_y^2), whose gradient is undefined on flat regions.
     (B, C, H, W) -> (B, 2C, H - 2, W - 2), channels (c0 G_x, c0 G_y, c1 G_x, ...).
     """
@@ -978,11 +987,21 @@ def sobel_edges(x):
 
 def loss_sobel(x, rec):
     """L_Sobel, AVAE-S Eq. 6: ||E_Sobel(x) - E_Sobel(rec)||^2 summed over both maps of every channel, per sample
-    (B,). Squared, as Algorithm 1's ||.||_2 for L_MSE."""
+    (B,). Squared, as AVAE-S Algorithm 1's ||.||_2 for L_MSE."""
     return sse(sobel_edges(x), sobel_edges(rec))
 
 
-def gabor_kernels(wavelengths=(4.0, 8.0), orientations_deg=(0.0, 45.0, 90.0, 135.0), gamma=1.0):
+GABOR_WAVELENGTHS = (4.0, 8.0)  # px: the scales of the bank
+
+
+def gabor_geometry(wavelength):
+    """-> (sigma, radius) of the bank's kernel at a wavelength: sigma = wavelength / 2 (about a
+    1.1-octave bandwidth), radius ceil(2 sigma); the kernel's side is 2 radius + 1."""
+    sigma = wavelength / 2.0
+    return sigma, int(math.ceil(2.0 * sigma))
+
+
+def gabor_kernels(wavelengths=GABOR_WAVELENGTHS, orientations_deg=(0.0, 45.0, 90.0, 135.0), gamma=1.0):
     """The fixed Gabor bank T_Gabor of AVAE-S Eq. 7 (the paper gives no parameters): one (K, 1, k, k) float64
     tensor per scale, K = 2 * len(orientations) (an even and an odd kernel per orientation).
 
@@ -996,8 +1015,7 @@ def gabor_kernels(wavelengths=(4.0, 8.0), orientations_deg=(0.0, 45.0, 90.0, 135
     """
     bank = []
     for lam in wavelengths:
-        sigma = lam / 2.0
-        radius = int(math.ceil(2.0 * sigma))
+        sigma, radius = gabor_geometry(lam)
         offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
         v, u = torch.meshgrid(offsets, offsets, indexing="ij")  # v: row offset, u: column offset
         kernels = []
@@ -1010,6 +1028,10 @@ def gabor_kernels(wavelengths=(4.0, 8.0), orientations_deg=(0.0, 45.0, 90.0, 135
                 kernels.append(kernel - kernel.mean())
         bank.append(torch.stack(kernels).unsqueeze(1))
     return bank
+
+
+# The largest kernel's side (17 px): the smallest image side vae-s and avae-s can take.
+GABOR_MAX_KERNEL = 2 * gabor_geometry(max(GABOR_WAVELENGTHS))[1] + 1
 
 
 def gabor_responses(x, kernels):
@@ -1052,7 +1074,7 @@ def loss_rec(terms, weights):
 def balance_weights(term_means, reference="mse"):
     """The lambdas of AVAE-S Eq. 5 from the terms' magnitudes: lambda_i = mean_reference / mean_i.
 
-    The paper sets the lambdas so that "all of the losses stay in the same scale" (Eq. 5), by example (Sec. III:
+    The paper sets the lambdas so that "all of the losses stay in the same scale" (AVAE-S Eq. 5), by example (Sec. III:
     mean L1 30 and L2 900 -> lambda_L1 = 30, L2 weighted 1), from the terms probed over one epoch. So every weighted
     term starts at the reference's magnitude and lambda_MSE = 1. term_means: {name: mean of that unweighted
     per-sample term over the probe batches}. Returns {name: lambda} as floats, to be frozen.
@@ -1083,9 +1105,10 @@ def total_correlation(z, mu, logvar, dataset_size, estimator="mss"):
     # log q(z_id | x_j) for every pair: (M, M, D), row i = sample, column j = posterior
     log_q_pairs = -0.5 * (math.log(2.0 * math.pi) + logvar.unsqueeze(0)
                           + (z.unsqueeze(1) - mu.unsqueeze(0)).pow(2) * torch.exp(-logvar.unsqueeze(0)))
-    # DEVIATION: MSS by default, not MWS (the issue's example). MWS's weights sum to 1/N instead of 1, which
-    # shifts the joint by -log N and the product of marginals by -D log N: on a factorised q(z) (every posterior
-    # N(0, I)) MWS returns (D - 1) log N (341 nats at D = 32, N = 60000) where the truth and MSS give 0.
+    # MSS by default (the paper names no estimator): MWS's weights sum to 1/N instead of 1, which
+    # shifts the joint by -log N and the product of marginals by -D log N: on a factorised q(z)
+    # (every posterior N(0, I)) MWS returns (D - 1) log N (341 nats at D = 32, N = 60000) where the
+    # truth and MSS give 0.
     if estimator == "mss":
         log_w = torch.full((batch, batch), math.log((dataset_size - 1) / (dataset_size * (batch - 1))),
                            dtype=z.dtype, device=z.device)
@@ -1100,26 +1123,26 @@ def total_correlation(z, mu, logvar, dataset_size, estimator="mss"):
 
 
 def vae_s_loss(rec_loss, kl, tc, beta_rec, beta_kl, beta_tc):
-    """L_VAE of AVAE-S Eq. 11 (VAE-S): mean_i (beta_rec L_REC_i + beta_kl KL_i) + beta_tc TC, with L_REC of Eq. 5
-    (B,), KL of Eq. 4 (B,) and the batch's TC of Eq. 10 (a scalar); the paper's weights are all 1."""
+    """L_VAE of AVAE-S Eq. 11 (VAE-S): mean_i (beta_rec L_REC_i + beta_kl KL_i) + beta_tc TC, with L_REC of AVAE-S Eq. 5
+    (B,), KL of AVAE-S Eq. 4 (B,) and the batch's TC of AVAE-S Eq. 10 (a scalar); the paper's weights are all 1."""
     return (beta_rec * rec_loss + beta_kl * kl).mean() + beta_tc * tc
 
 
 def loss_dis(logits_real, logits_rec):
     """L_Dis, AVAE-S Eq. 11, as the binary cross-entropy the discriminator minimises, per sample (B,):
         -[log Dis(x) + log(1 - Dis(x~))] = softplus(-l_real) + softplus(l_rec),   Dis = sigmoid(logit).
-    Eq. 11 writes the log-likelihood that Dis maximises (Eq. 12); Algorithm 1's descent step needs its negative.
+    AVAE-S Eq. 11 writes the log-likelihood that Dis maximises (AVAE-S Eq. 12); AVAE-S Algorithm 1's descent step needs its negative.
     Pass the reconstructions' logits detached so only the discriminator learns from it."""
     return F.softplus(-logits_real) + F.softplus(logits_rec)
 
 
 def loss_adv(logits_rec, form="minimax"):
     """The VAE's adversarial term of AVAE-S Eq. 11-12, per sample (B,), added to L_VAE while the gate allows:
-    "minimax" (default): log(1 - Dis(x~)) = -softplus(l_rec), the generator's side of Eq. 11-12 read literally
+    "minimax" (default): log(1 - Dis(x~)) = -softplus(l_rec), the generator's side of AVAE-S Eq. 11-12 read literally
         (L_AVAE = L_VAE + L_Dis; the log Dis(x) part has no VAE gradient);
     "nonsaturating": -log Dis(x~) = softplus(-l_rec) (Goodfellow et al. 2014's recommended form)."""
-    # DEVIATION: Algorithm 1 writes L_AVAE = L_VAE + log Dis(X~); minimised, that pushes reconstructions towards
-    # "fake", the opposite of Eq. 12. Both forms here have Eq. 12's sign.
+    # DEVIATION: AVAE-S Algorithm 1 writes L_AVAE = L_VAE + log Dis(X~); minimised, that pushes reconstructions towards
+    # "fake", the opposite of AVAE-S Eq. 12. Both forms here have AVAE-S Eq. 12's sign.
     if form == "minimax":
         return -F.softplus(logits_rec)
     if form == "nonsaturating":
@@ -1143,8 +1166,8 @@ def adversarial_gates(accuracy, disc_train_below=0.7, adv_use_above=0.5):
 
 
 def new_vae_s_state(dataset_size, probe_batches, device):
-    """What the VAE-S loss carries through a run: the Gabor bank (float32 on the device), N for Eq. 10, and the
-    lambda probe of Eq. 5 (sums of the unweighted terms' batch means, the batches seen, the frozen lambdas)."""
+    """What the VAE-S loss carries through a run: the Gabor bank (float32 on the device), N for AVAE-S Eq. 10, and the
+    lambda probe of AVAE-S Eq. 5 (sums of the unweighted terms' batch means, the batches seen, the frozen lambdas)."""
     return {"kernels": [k.to(device, torch.float32) for k in gabor_kernels()], "dataset_size": dataset_size,
             "probe_batches": probe_batches, "term_count": 0, "rec_weights": None,
             "term_sums": {name: torch.zeros((), dtype=torch.float64, device=device) for name in REC_TERMS}}
@@ -1171,8 +1194,8 @@ def probe_rec_weights(vae_s_state, terms):
 
 def vae_s_objective(encoder, decoder, x, vae_s_state, *, beta_rec, beta_kl, beta_tc, tc_estimator,
                     amp):
-    """AVAE-S Eq. 11's L_VAE of x (vae_s_loss: Eq. 5's L_REC with the probed lambdas, Eq. 4's KL,
-    Eq. 10's TC) -> (loss, rec (B, C, H, W), logged values)."""
+    """AVAE-S Eq. 11's L_VAE of x (vae_s_loss: AVAE-S Eq. 5's L_REC with the probed lambdas, AVAE-S Eq. 4's KL,
+    AVAE-S Eq. 10's TC) -> (loss, rec (B, C, H, W), logged values)."""
     with amp():
         mu, logvar = encoder(x)  # (B, z)
         z = reparameterize(mu, logvar)
@@ -1224,7 +1247,7 @@ def adversarial_step(encoder, decoder, disc, opt_encoder, opt_decoder, opt_disc,
         with amp():
             logits_rec_vae = disc(torch.cat([x, rec]))[batch:]  # the discriminator after its step
         loss = loss + beta_adv * loss_adv(logits_rec_vae, adv_loss).mean()
-    # DEVIATION: Algorithm 1 skips the VAE update while accuracy <= 0.5; here the VAE keeps training
+    # DEVIATION: AVAE-S Algorithm 1 skips the VAE update while accuracy <= 0.5; here the VAE keeps training
     # on L_VAE alone then, so the reconstruction never stalls while the discriminator catches up.
     optimizer_step(loss, opt_encoder, opt_decoder)
     set_requires_grad(disc, True)
@@ -1597,7 +1620,7 @@ def start_or_resume(cfg):
                   "avae": f" ({cfg.pretrain_epochs} pretrain + {cfg.adv_epochs} adversarial epochs)"}
         detail["avae-s"] = detail["avae"]
         print(f"new run {out_dir}: {cfg.model}{detail.get(cfg.model, '')}"
-              f"{' on Table I nets' if cfg.arch == 'avae' else ''} on {cfg.dataset} "
+              f"{' on AVAE-S Table I nets' if cfg.arch == 'avae' else ''} on {cfg.dataset} "
               f"{'x'.join(map(str, train_set.shape))}, {len(train_set)} images, {iters_per_epoch} "
               f"iterations/epoch, T = {total_iters}, stop at {stop}, {describe_device(device)}",
               flush=True)
@@ -1972,7 +1995,7 @@ def bench(cfg):
         memory = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10:.0f} MiB"
     seconds = (time.perf_counter() - start) / cfg.bench
     losses = " ".join(f"{k} {v.item():.4g}" for k, v in stats.items() if k.startswith("loss"))
-    nets_described = "Table I nets" if cfg.arch == "avae" else f"channels {','.join(map(str, cfg.channels))}"
+    nets_described = "AVAE-S Table I nets" if cfg.arch == "avae" else f"channels {','.join(map(str, cfg.channels))}"
     print(f"bench {cfg.dataset} {cfg.model}{'/' + cfg.variant if cfg.model == 'asintrovae' else ''}: batch "
           f"{cfg.batch_size}, {'x'.join(map(str, shape))}, z {cfg.z_dim}, {nets_described}, "
           f"{'bf16' if cfg.bf16 and device.type == 'cuda' else 'fp32'}, {describe_device(device)}: "

@@ -327,3 +327,25 @@ def test_vae_step_trains_both_networks_and_ema_follows_the_decoder():
     asv.update_ema(nets["ema"], nets["decoder"], 0.9)
     for old, new, live in zip(ema0, params(nets["ema"]), params(nets["decoder"])):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * live)
+
+
+def test_image_folder_reads_what_eval_metrics_reads(tmp_path):
+    """Training and the metrics see the same images of a folder, subfolders included, in one order."""
+    from PIL import Image
+
+    import eval_metrics
+
+    for name in ("b.png", "a/z.PNG", "a-b/a.jpg", "notes.txt"):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".txt"):
+            path.write_text("not an image")
+        else:
+            Image.new("RGB", (20, 20), (10, 20, 30)).save(path, format="PNG" if "png" in name.lower() else "JPEG")
+    folder = asv.ImageFolder(str(tmp_path), 16)
+    expected = [str(tmp_path / name) for name in ("a/z.PNG", "a-b/a.jpg", "b.png")]
+    assert folder.files == eval_metrics.list_images(str(tmp_path)) == expected
+    assert folder[0].shape == (3, 16, 16) and folder[0].dtype == torch.uint8
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(asv.DataError, match="no images"):
+        asv.ImageFolder(str(tmp_path / "empty"), 16)

@@ -1,4 +1,4 @@
-"""as_introvae.py, the AVAE-S parts (Naderi et al.; equation numbers are ../shared/papers/avae-s.md's): every term
+"""as_introvae.py, the AVAE-S parts (Naderi et al.; equation numbers are the AVAE-S paper's): every term
 of Eq. 5-7 and 10-11 on tiny tensors against hand-worked values, the lambda rule and its probe, Algorithm 1's gates
 inside the adversarial step, the Table I networks, the presets, cosine similarity and FID at four depths."""
 import math
