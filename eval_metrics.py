@@ -13,7 +13,7 @@ valid region). Folders are read recursively (list_images), as as_introvae.py rea
     python eval_metrics.py fid real_dir fake_dir                 # FID, pytorch-fid convention
     python eval_metrics.py fid real_dir stats.npz --dims 2048    # a folder or .npz stats, each side
     python eval_metrics.py stats real_dir real_stats.npz         # pytorch-fid's .npz (mu, sigma)
-    python eval_metrics.py recon real_dir rec_dir                # PSNR / SSIM / MSE, pairs by name
+    python eval_metrics.py recon real_dir rec_dir                # PSNR / SSIM / MSE of pairs
     python eval_metrics.py sharpness sample_dir                  # Laplacian variance (AVAE-S)
     python eval_metrics.py bench                                 # speed next to pytorch-fid's
 
@@ -1093,15 +1093,16 @@ def _pair_files(real_dir, rec_dir):
             else f"{only_rec[0]} only in {rec_dir}"
         )
         raise MetricInputError(
-            f"folders do not pair by file name ({len(only_real) + len(only_rec)} unmatched, "
+            f"folders do not pair by relative path ({len(only_real) + len(only_rec)} unmatched, "
             f"e.g. {example})"
         )
     return [(path, rec[name]) for name, path in real.items()]
 
 
 def run_recon(cfg, real_dir, rec_dir):
-    """`recon REAL_DIR REC_DIR`: per-image PSNR / SSIM / MSE of same-named pairs, mean and std
-    table. Each pair is converted to float64 and clamped once; all three metrics read that copy."""
+    """`recon REAL_DIR REC_DIR`: per-image PSNR / SSIM / MSE of pairs with the same relative path,
+    mean and std table. Each pair is converted to float64 and clamped once; all three metrics read
+    that copy."""
     pairs = _pair_files(real_dir, rec_dir)
     psnr_all, ssim_all, mse_all = [], [], []
     window = ssim_window(cfg.ssim_convention)[0].numel()
@@ -1287,7 +1288,7 @@ SUBCOMMANDS = {
         ("weights", "device", "batch_size", "dims", "bn_batch_stats", "progress"),
     ),
     "recon": (
-        "PSNR / SSIM / MSE of same-named image pairs",
+        "PSNR / SSIM / MSE of image pairs with the same path relative to their folders",
         ("REAL_DIR", "REC_DIR"),
         ("ssim_convention", "progress"),
     ),
