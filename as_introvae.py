@@ -58,9 +58,21 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw
 
-from eval_metrics import (MetricInputError, Progress, frechet_distance, list_images, load_inception, mse,
-                          parse_bool, psnr, sharpness, ssim, ssim_torch, stats_from_batches,
-                          stats_from_generator)
+from eval_metrics import (
+    MetricInputError,
+    Progress,
+    frechet_distance,
+    list_images,
+    load_inception,
+    mse,
+    parse_bool,
+    psnr,
+    sharpness,
+    ssim,
+    ssim_torch,
+    stats_from_batches,
+    stats_from_generator,
+)
 
 
 class ConfigError(ValueError):
@@ -79,65 +91,140 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss; main prints the step and the last good checkpoint and exits 2."""
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # config
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def option(default, help):
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
-    dataset: str = option("cifar10", "mnist | fmnist | cifar10 | svhn | celeba96 | celeba128 | celeba256 | oxford | "
-                                     "folder | npz")
-    data_root: str = option("data", "torchvision root, image folder, or .npz file with uint8 `images` (N, H, W[, C])")
-    test_root: str = option("", "folder / npz only: test split (folder or .npz); none: reconstructions use training images")
-    image_size: int = option(32, "image side in pixels; folder datasets are resized (bicubic) to it")
-    model: str = option("asintrovae", "asintrovae | sintrovae | introvae | vae | vae-s | avae | avae-s (AVAE-S paper)")
-    variant: str = option("paper", "AS-IntroVAE losses: paper (Eq. 7-9 as written) | official (the released code)")
-    arch: str = option("resnet", "resnet (the shared ResNet VAE) | avae (AVAE-S Table I; image side divisible by 16)")
-    channels: tuple = option((64, 128, 256), "encoder channel list, e.g. 64,128,256; the decoder mirrors it")
+    dataset: str = option(
+        "cifar10",
+        "mnist | fmnist | cifar10 | svhn | celeba96 | celeba128 | celeba256 | oxford | "
+        "folder | npz",
+    )
+    data_root: str = option(
+        "data", "torchvision root, image folder, or .npz file with uint8 `images` (N, H, W[, C])"
+    )
+    test_root: str = option(
+        "",
+        "folder / npz only: test split (folder or .npz); none: reconstructions use training images",
+    )
+    image_size: int = option(
+        32, "image side in pixels; folder datasets are resized (bicubic) to it"
+    )
+    model: str = option(
+        "asintrovae",
+        "asintrovae | sintrovae | introvae | vae | vae-s | avae | avae-s (AVAE-S paper)",
+    )
+    variant: str = option(
+        "paper", "AS-IntroVAE losses: paper (Eq. 7-9 as written) | official (the released code)"
+    )
+    arch: str = option(
+        "resnet",
+        "resnet (the shared ResNet VAE) | avae (AVAE-S Table I; image side divisible by 16)",
+    )
+    channels: tuple = option(
+        (64, 128, 256), "encoder channel list, e.g. 64,128,256; the decoder mirrors it"
+    )
     z_dim: int = option(128, "latent size D")
     batch_size: int = option(64, "images per iteration (the last batch of an epoch may be smaller)")
-    epochs: int = option(150, "epochs; T = iterations per epoch * epochs sets the annealing (Eq. 9)")
+    epochs: int = option(
+        150, "epochs; T = iterations per epoch * epochs sets the annealing (Eq. 9)"
+    )
     lr: float = option(2e-4, "Adam learning rate of both networks, betas (0.9, 0.999)")
     beta_rec: float = option(1.0, "weight of the reconstruction error")
-    beta_kl: float = option(1.0, "weight of the real data's KL (and of the decoder's adversarial KL)")
-    beta_neg: float = option(256.0, "Soft/AS: KL weight inside the exponent; IntroVAE: weight of the hinges")
+    beta_kl: float = option(
+        1.0, "weight of the real data's KL (and of the decoder's adversarial KL)"
+    )
+    beta_neg: float = option(
+        256.0, "Soft/AS: KL weight inside the exponent; IntroVAE: weight of the hinges"
+    )
     gamma_r: float = option(1e-8, "weight of the re-reconstruction error in the decoder loss")
     margin: float = option(10.0, "IntroVAE hinge margin m")
     num_vae: int = option(0, "epochs of plain-VAE warm-up before the introspective losses")
-    pretrain_epochs: int = option(100, "avae / avae-s: epochs of VAE / VAE-S pre-training (AVAE-S Sec. III: 100)")
-    adv_epochs: int = option(50, "avae / avae-s: epochs of adversarial fine-tuning after it (the paper gives none)")
-    lambda_batches: int = option(0, "vae-s / avae-s: batches probed before AVAE-S Eq. 5's lambdas freeze (0: one epoch)")
-    tc_estimator: str = option("mss", "AVAE-S Eq. 10 on a minibatch: mss (stratified) | mws (weighted), beta-TCVAE's")
-    beta_tc: float = option(1.0, "vae-s / avae-s: weight of the total-correlation KL (AVAE-S Eq. 11: 1)")
-    adv_loss: str = option("minimax", "VAE's adversarial term: minimax log(1 - Dis(rec)) (AVAE-S Eq. 11-12) | "
-                                      "nonsaturating -log Dis(rec)")
-    beta_adv: float = option(1.0, "avae / avae-s: weight of the VAE's adversarial term (AVAE-S Eq. 11: 1)")
-    disc_train_below: float = option(0.7, "AVAE-S Algorithm 1: the discriminator steps while its batch accuracy < this")
-    adv_use_above: float = option(0.5, "AVAE-S Algorithm 1: the VAE gets the adversarial term while accuracy > this")
-    ema_decay: float = option(0.999, "decay of the decoder's exponential moving average (samples, FID)")
-    hflip: bool = option(False, "mirror training images left-right at random (the official code does for file datasets)")
+    pretrain_epochs: int = option(
+        100, "avae / avae-s: epochs of VAE / VAE-S pre-training (AVAE-S Sec. III: 100)"
+    )
+    adv_epochs: int = option(
+        50, "avae / avae-s: epochs of adversarial fine-tuning after it (the paper gives none)"
+    )
+    lambda_batches: int = option(
+        0, "vae-s / avae-s: batches probed before AVAE-S Eq. 5's lambdas freeze (0: one epoch)"
+    )
+    tc_estimator: str = option(
+        "mss", "AVAE-S Eq. 10 on a minibatch: mss (stratified) | mws (weighted), beta-TCVAE's"
+    )
+    beta_tc: float = option(
+        1.0, "vae-s / avae-s: weight of the total-correlation KL (AVAE-S Eq. 11: 1)"
+    )
+    adv_loss: str = option(
+        "minimax",
+        "VAE's adversarial term: minimax log(1 - Dis(rec)) (AVAE-S Eq. 11-12) | "
+        "nonsaturating -log Dis(rec)",
+    )
+    beta_adv: float = option(
+        1.0, "avae / avae-s: weight of the VAE's adversarial term (AVAE-S Eq. 11: 1)"
+    )
+    disc_train_below: float = option(
+        0.7, "AVAE-S Algorithm 1: the discriminator steps while its batch accuracy < this"
+    )
+    adv_use_above: float = option(
+        0.5, "AVAE-S Algorithm 1: the VAE gets the adversarial term while accuracy > this"
+    )
+    ema_decay: float = option(
+        0.999, "decay of the decoder's exponential moving average (samples, FID)"
+    )
+    hflip: bool = option(
+        False,
+        "mirror training images left-right at random (the official code does for file datasets)",
+    )
     seed: int = option(0, "seed of the weights, the noise and the data order")
     out: str = option("", "run folder; default runs/<dataset>_<model>[_official]_s<seed>")
     max_iters: int = option(0, "stop after this many iterations (0: all epochs); does not change T")
     log_every: int = option(100, "iterations between log.jsonl records and progress lines")
     img_every: int = option(1000, "iterations between image grids")
-    ckpt_every: int = option(1000, "iterations between checkpoints (one is also written at the end)")
-    num_workers: int = option(4, "DataLoader workers for image folders (arrays are indexed in memory)")
+    ckpt_every: int = option(
+        1000, "iterations between checkpoints (one is also written at the end)"
+    )
+    num_workers: int = option(
+        4, "DataLoader workers for image folders (arrays are indexed in memory)"
+    )
     device: str = option("auto", "auto | cpu | cuda (all visible GPUs, nn.DataParallel)")
-    bf16: bool = option(True, "CUDA only: bf16 autocast for the networks; losses and exp terms stay float32")
+    bf16: bool = option(
+        True, "CUDA only: bf16 autocast for the networks; losses and exp terms stay float32"
+    )
     eval: str = option("", "evaluate this checkpoint into results.json and exit")
     eval_images: int = option(10000, "test images for PSNR / SSIM / MSE and sharpness (0: all)")
-    fid_samples: int = option(50000, "EMA-decoder samples for FID, and at most as many training images (0: no FID)")
-    fid_weights: str = option("", "FID Inception weights file; default the torch hub cache (downloads when online)")
-    bn_mode: str = option("train", "BatchNorm for samples, reconstructions and FID: train (batch stats) | eval")
-    bench: int = option(0, "time this many iterations on synthetic data at the preset's shapes and exit")
+    fid_samples: int = option(
+        50000, "EMA-decoder samples for FID, and at most as many training images (0: no FID)"
+    )
+    fid_weights: str = option(
+        "", "FID Inception weights file; default the torch hub cache (downloads when online)"
+    )
+    bn_mode: str = option(
+        "train", "BatchNorm for samples, reconstructions and FID: train (batch stats) | eval"
+    )
+    bench: int = option(
+        0, "time this many iterations on synthetic data at the preset's shapes and exit"
+    )
 
 
 CHOICES = {
-    "dataset": ("mnist", "fmnist", "cifar10", "svhn", "celeba96", "celeba128", "celeba256", "oxford", "folder", "npz"),
+    "dataset": (
+        "mnist",
+        "fmnist",
+        "cifar10",
+        "svhn",
+        "celeba96",
+        "celeba128",
+        "celeba256",
+        "oxford",
+        "folder",
+        "npz",
+    ),
     "model": ("asintrovae", "sintrovae", "introvae", "vae", "vae-s", "avae", "avae-s"),
     "variant": ("paper", "official"),
     "arch": ("resnet", "avae"),
@@ -147,41 +234,124 @@ CHOICES = {
     "bn_mode": ("train", "eval"),
 }
 
-# The released AS-IntroVAE run script's settings, one row per dataset; each flag overrides its value.
+# The released AS-IntroVAE run script's settings, one row per dataset; a flag overrides a value.
 PRESETS = {
-    "mnist": dict(image_size=28, channels=(64, 128), z_dim=32, batch_size=128, epochs=100,
-                  beta_kl=1.0, beta_rec=1.0, beta_neg=256.0, margin=10.0),
-    "cifar10": dict(image_size=32, channels=(64, 128, 256), z_dim=128, batch_size=64, epochs=150,
-                    beta_kl=1.0, beta_rec=1.0, beta_neg=256.0, margin=10.0),
-    "celeba128": dict(image_size=128, channels=(64, 128, 256, 512, 512), z_dim=256, batch_size=32, epochs=150,
-                      beta_kl=0.5, beta_rec=1.0, beta_neg=256.0, margin=100.0, hflip=True),
-    "celeba256": dict(image_size=256, channels=(64, 128, 256, 512, 512, 512), z_dim=256, batch_size=32, epochs=150,
-                      beta_kl=0.5, beta_rec=1.0, beta_neg=1024.0, margin=120.0, hflip=True),
+    "mnist": dict(
+        image_size=28,
+        channels=(64, 128),
+        z_dim=32,
+        batch_size=128,
+        epochs=100,
+        beta_kl=1.0,
+        beta_rec=1.0,
+        beta_neg=256.0,
+        margin=10.0,
+    ),
+    "cifar10": dict(
+        image_size=32,
+        channels=(64, 128, 256),
+        z_dim=128,
+        batch_size=64,
+        epochs=150,
+        beta_kl=1.0,
+        beta_rec=1.0,
+        beta_neg=256.0,
+        margin=10.0,
+    ),
+    "celeba128": dict(
+        image_size=128,
+        channels=(64, 128, 256, 512, 512),
+        z_dim=256,
+        batch_size=32,
+        epochs=150,
+        beta_kl=0.5,
+        beta_rec=1.0,
+        beta_neg=256.0,
+        margin=100.0,
+        hflip=True,
+    ),
+    "celeba256": dict(
+        image_size=256,
+        channels=(64, 128, 256, 512, 512, 512),
+        z_dim=256,
+        batch_size=32,
+        epochs=150,
+        beta_kl=0.5,
+        beta_rec=1.0,
+        beta_neg=1024.0,
+        margin=120.0,
+        hflip=True,
+    ),
 }
 PRESETS["fmnist"] = PRESETS["mnist"]
 PRESETS["svhn"] = PRESETS["cifar10"]
 PRESETS["oxford"] = {**PRESETS["celeba128"], "z_dim": 128, "beta_kl": 1.0}
-# AVAE-S Sec. III: 96 x 96 CelebA, AVAE-S Table I's network, latent 32, 100 epochs of pre-training; batch size and
-# augmentation are not given (none here). channels are for --arch resnet (one stage per halving of 96).
-PRESETS["celeba96"] = {**PRESETS["celeba128"], "image_size": 96, "channels": (64, 128, 256, 512, 512), "z_dim": 32,
-                       "beta_kl": 1.0, "hflip": False, "arch": "avae", "pretrain_epochs": 100}
-SHARP_MODELS = ("vae-s", "avae-s")  # AVAE-S Eq. 5's reconstruction loss and Eq. 10's total correlation
-ADVERSARIAL_MODELS = ("avae", "avae-s")  # pre-training, then AVAE-S Algorithm 1's adversarial fine-tuning
-TABLE_I_WIDTHS = (24, 48, 96, 192)  # AVAE-S Table I's conv widths (--arch avae); each halves the image side
-SIZE_PRESET = {28: "mnist", 32: "cifar10", 128: "celeba128", 256: "celeba256"}  # folder / npz: the row of that size
-MODEL_PRESETS = {"introvae": dict(beta_rec=0.05, beta_kl=1.0, beta_neg=0.5)}  # IntroVAE as the AS paper ran it
+# AVAE-S Sec. III: 96 x 96 CelebA, AVAE-S Table I's network, latent 32, 100 epochs of pre-training;
+# batch size and augmentation are not given (none here). channels are for --arch resnet
+# (one stage per halving of 96).
+PRESETS["celeba96"] = {
+    **PRESETS["celeba128"],
+    "image_size": 96,
+    "channels": (64, 128, 256, 512, 512),
+    "z_dim": 32,
+    "beta_kl": 1.0,
+    "hflip": False,
+    "arch": "avae",
+    "pretrain_epochs": 100,
+}
+SHARP_MODELS = (
+    "vae-s",
+    "avae-s",
+)  # AVAE-S Eq. 5's reconstruction loss and Eq. 10's total correlation
+ADVERSARIAL_MODELS = (
+    "avae",
+    "avae-s",
+)  # pre-training, then AVAE-S Algorithm 1's adversarial fine-tuning
+TABLE_I_WIDTHS = (
+    24,
+    48,
+    96,
+    192,
+)  # AVAE-S Table I's conv widths (--arch avae); each halves the image side
+SIZE_PRESET = {
+    28: "mnist",
+    32: "cifar10",
+    128: "celeba128",
+    256: "celeba256",
+}  # folder / npz: the row of that size
+MODEL_PRESETS = {
+    "introvae": dict(beta_rec=0.05, beta_kl=1.0, beta_neg=0.5)
+}  # IntroVAE as the AS paper ran it
 TORCHVISION_SETS = ("mnist", "fmnist", "cifar10", "svhn")
 IMAGE_CHANNELS = {"mnist": 1, "fmnist": 1}  # everything else is RGB (npz: from the array)
-# Flags that steer a run or its evaluation but not what is trained: they may change on resume / --eval.
-RUN_FLAGS = {"data_root", "test_root", "out", "max_iters", "log_every", "img_every", "ckpt_every", "num_workers",
-             "device", "bf16", "eval", "eval_images", "fid_samples", "fid_weights", "bn_mode", "bench"}
+# Flags that steer a run or its evaluation, not what is trained: they may change on resume, --eval.
+RUN_FLAGS = {
+    "data_root",
+    "test_root",
+    "out",
+    "max_iters",
+    "log_every",
+    "img_every",
+    "ckpt_every",
+    "num_workers",
+    "device",
+    "bf16",
+    "eval",
+    "eval_images",
+    "fid_samples",
+    "fid_weights",
+    "bn_mode",
+    "bench",
+}
 
 
 def parse_channels(text):
     try:
         channels = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,128,256, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 64,128,256, got {text!r}"
+        )
     if not channels or min(channels) < 1:
         raise argparse.ArgumentTypeError(f"channels must be positive, got {text!r}")
     return channels
@@ -198,13 +368,19 @@ def build_parser():
                            allow_abbrev=False)
     parse = {int: int, float: float, str: str, bool: parse_bool, tuple: parse_channels}
     for f in dataclasses.fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=parse[f.type],
-                            choices=CHOICES.get(f.name), help=f"{f.metadata['help']} (default {f.default})")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=parse[f.type],
+            choices=CHOICES.get(f.name),
+            help=f"{f.metadata['help']} (default {f.default})",
+        )
     return parser
 
 
 def default_channels(image_size):
-    """Halve the image until it is odd or 4 px: one encoder stage per halving (28 -> 64,128; 32 -> 64,128,256)."""
+    """Halve the image until it is odd or 4 px: one encoder stage per halving
+    (28 -> 64,128; 32 -> 64,128,256)."""
     stages = 0
     while image_size % 2 == 0 and image_size > 4:
         image_size //= 2
@@ -216,16 +392,29 @@ def make_config(given):
     """Config defaults < the dataset's preset row < the model's preset < the flags given."""
     dataset = given.get("dataset", Config.dataset)
     if dataset == "npz":
-        size = given.get("image_size") or npz_images(given.get("data_root", Config.data_root)).images.shape[-1]
+        size = (
+            given.get("image_size")
+            or npz_images(given.get("data_root", Config.data_root)).images.shape[-1]
+        )
     elif dataset == "folder":
         size = given.get("image_size", 128)
     else:
         size = given.get("image_size", PRESETS[dataset]["image_size"])
-    row = PRESETS.get(dataset) or PRESETS.get(SIZE_PRESET.get(size), {"channels": default_channels(size)})
-    values = {**row, "image_size": size, **MODEL_PRESETS.get(given.get("model", Config.model), {}), **given}
+    row = PRESETS.get(dataset) or PRESETS.get(
+        SIZE_PRESET.get(size), {"channels": default_channels(size)}
+    )
+    values = {
+        **row,
+        "image_size": size,
+        **MODEL_PRESETS.get(given.get("model", Config.model), {}),
+        **given,
+    }
     if values.get("model", Config.model) in ADVERSARIAL_MODELS:
         if "epochs" in given:
-            raise ConfigError("--epochs does not apply to avae / avae-s: the run is --pretrain-epochs + --adv-epochs")
+            raise ConfigError(
+                "--epochs does not apply to avae / avae-s: the run is --pretrain-epochs + "
+                "--adv-epochs"
+            )
         values["epochs"] = (values.get("pretrain_epochs", Config.pretrain_epochs)
                             + values.get("adv_epochs", Config.adv_epochs))
     cfg = Config(**values)
@@ -234,39 +423,75 @@ def make_config(given):
 
 
 def validate(cfg):
-    positive = ("image_size", "z_dim", "batch_size", "epochs", "log_every", "img_every", "ckpt_every")
-    non_negative = ("max_iters", "num_vae", "seed", "num_workers", "eval_images", "fid_samples", "bench",
-                    "pretrain_epochs", "adv_epochs", "lambda_batches")
+    positive = (
+        "image_size",
+        "z_dim",
+        "batch_size",
+        "epochs",
+        "log_every",
+        "img_every",
+        "ckpt_every",
+    )
+    non_negative = (
+        "max_iters",
+        "num_vae",
+        "seed",
+        "num_workers",
+        "eval_images",
+        "fid_samples",
+        "bench",
+        "pretrain_epochs",
+        "adv_epochs",
+        "lambda_batches",
+    )
     if cfg.model in ADVERSARIAL_MODELS and cfg.pretrain_epochs + cfg.adv_epochs < 1:
         raise ConfigError("avae / avae-s need --pretrain-epochs + --adv-epochs >= 1")
     for name in positive:
         if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}"
+            )
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not (cfg.lr > 0 and 0 <= cfg.ema_decay < 1):
-        raise ConfigError(f"need --lr > 0 and 0 <= --ema-decay < 1, got {cfg.lr} and {cfg.ema_decay}")
+        raise ConfigError(
+            f"need --lr > 0 and 0 <= --ema-decay < 1, got {cfg.lr} and {cfg.ema_decay}"
+        )
     if cfg.arch == "avae":
         if cfg.image_size % 2 ** len(TABLE_I_WIDTHS):
-            raise ConfigError(f"--arch avae needs an --image-size divisible by 16 (AVAE-S Table I halves it 4 times), "
-                              f"got {cfg.image_size}")
+            raise ConfigError(
+                "--arch avae needs an --image-size divisible by 16 (AVAE-S Table I halves it 4 "
+                "times), "
+                f"got {cfg.image_size}"
+            )
     elif cfg.image_size % 2 ** len(cfg.channels):
-        raise ConfigError(f"--image-size {cfg.image_size} is not divisible by 2^{len(cfg.channels)} = "
-                          f"{2 ** len(cfg.channels)} (one halving per entry of --channels "
-                          f"{','.join(map(str, cfg.channels))})")
+        raise ConfigError(
+            f"--image-size {cfg.image_size} is not divisible by 2^{len(cfg.channels)} = "
+            f"{2 ** len(cfg.channels)} (one halving per entry of --channels "
+            f"{','.join(map(str, cfg.channels))})"
+        )
     if cfg.model in ADVERSARIAL_MODELS and cfg.epochs != cfg.pretrain_epochs + cfg.adv_epochs:
-        raise ConfigError(f"{cfg.model}: epochs ({cfg.epochs}) must be --pretrain-epochs + --adv-epochs "
-                          f"({cfg.pretrain_epochs} + {cfg.adv_epochs})")
+        raise ConfigError(
+            f"{cfg.model}: epochs ({cfg.epochs}) must be --pretrain-epochs + --adv-epochs "
+            f"({cfg.pretrain_epochs} + {cfg.adv_epochs})"
+        )
     if cfg.model in SHARP_MODELS + ADVERSARIAL_MODELS and cfg.num_vae:
-        raise ConfigError(f"--num-vae is the introspective methods' warm-up; {cfg.model} pre-trains with "
-                          f"--pretrain-epochs (avae, avae-s) or not at all (vae-s)")
+        raise ConfigError(
+            f"--num-vae is the introspective methods' warm-up; {cfg.model} pre-trains with "
+            f"--pretrain-epochs (avae, avae-s) or not at all (vae-s)"
+        )
     if cfg.model in SHARP_MODELS and cfg.image_size < GABOR_MAX_KERNEL:
-        raise ConfigError(f"{cfg.model} needs images of at least {GABOR_MAX_KERNEL} px (the largest Gabor kernel of "
-                          f"AVAE-S Eq. 7), got --image-size {cfg.image_size}")
+        raise ConfigError(
+            f"{cfg.model} needs images of at least {GABOR_MAX_KERNEL} px (the largest Gabor "
+            "kernel of "
+            f"AVAE-S Eq. 7), got --image-size {cfg.image_size}"
+        )
     if (cfg.model in SHARP_MODELS or cfg.arch == "avae") and cfg.batch_size < 2:
-        raise ConfigError(f"--batch-size must be at least 2 for {cfg.model} / --arch {cfg.arch} (AVAE-S Eq. 10's "
-                          f"minibatch estimator and AVAE-S Table I's BatchNorm1d need 2 images)")
+        raise ConfigError(
+            f"--batch-size must be at least 2 for {cfg.model} / --arch {cfg.arch} (AVAE-S Eq. 10's "
+            f"minibatch estimator and AVAE-S Table I's BatchNorm1d need 2 images)"
+        )
 
 
 def run_name(cfg):
@@ -276,21 +501,28 @@ def run_name(cfg):
 
 
 def check_batch_sizes(cfg, train_images, eval_images):
-    """With drop_last=False an epoch (or the evaluation) can end on a single image, which AVAE-S Eq. 10's
-    minibatch estimator and AVAE-S Table I's BatchNorm1d layers cannot take: refuse before anything runs."""
+    """With drop_last=False an epoch (or the evaluation) can end on a single image, which AVAE-S
+    Eq. 10's minibatch estimator and AVAE-S Table I's BatchNorm1d layers cannot take: refuse
+    before anything runs."""
     if not (cfg.model in SHARP_MODELS or cfg.arch == "avae"):
         return
-    for what, count, flag in (("training set", train_images, "--batch-size"), ("evaluation", eval_images, "--eval-images")):
+    for what, count, flag in (
+        ("training set", train_images, "--batch-size"),
+        ("evaluation", eval_images, "--eval-images"),
+    ):
         if count % cfg.batch_size == 1:
-            raise ConfigError(f"the {what} ({count} images) ends on a batch of 1 at --batch-size {cfg.batch_size}, which "
-                              f"{cfg.model} / --arch {cfg.arch} cannot take: change {flag}")
+            raise ConfigError(
+                f"the {what} ({count} images) ends on a batch of 1 at --batch-size "
+                f"{cfg.batch_size}, which "
+                f"{cfg.model} / --arch {cfg.arch} cannot take: change {flag}"
+            )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # data: uint8 (N, C, H, W) batches; scaled to [0, 1] on the device (= ToTensor, no normalisation)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class ImageArray(torch.utils.data.Dataset):
-    """A whole dataset held as one uint8 tensor (N, C, H, W); batches are gathered by indexing it."""
+    """A whole dataset held as one uint8 tensor (N, C, H, W); batches are gathered by indexing."""
 
     def __init__(self, images):
         self.images = images
@@ -327,7 +559,9 @@ class ImageFolder(torch.utils.data.Dataset):
         path = self.files[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC)
+                image = image.convert("RGB").resize(
+                    (self.size, self.size), Image.Resampling.BICUBIC
+                )
         except (OSError, ValueError) as error:
             raise DataError(f"unreadable image {path}: {error}")
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
@@ -344,12 +578,21 @@ def npz_images(path):
     try:
         with np.load(path) as archive:
             if "images" not in archive:
-                raise DataError(f"{path} has no `images` array (it has: {', '.join(archive.files)})")
+                raise DataError(
+                    f"{path} has no `images` array (it has: {', '.join(archive.files)})"
+                )
             images = archive["images"]
     except (OSError, ValueError) as error:
         raise DataError(f"cannot read {path}: {error}")
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
-        raise DataError(f"{path}: `images` must be uint8 (N, H, W) or (N, H, W, 1|3), got {images.dtype} {images.shape}")
+    if (
+        images.dtype != np.uint8
+        or images.ndim not in (3, 4)
+        or (images.ndim == 4 and images.shape[3] not in (1, 3))
+    ):
+        raise DataError(
+            f"{path}: `images` must be uint8 (N, H, W) or (N, H, W, 1|3), got {images.dtype} "
+            f"{images.shape}"
+        )
     if images.shape[1] != images.shape[2] or images.shape[0] == 0:
         raise DataError(f"{path}: need a non-empty set of square images, got shape {images.shape}")
     images = torch.from_numpy(images)
@@ -358,20 +601,30 @@ def npz_images(path):
 
 
 def torchvision_images(name, root, train):
-    """MNIST / FashionMNIST / CIFAR-10 / SVHN through torchvision, downloaded when missing and online."""
-    dataset_class = {"mnist": torchvision.datasets.MNIST, "fmnist": torchvision.datasets.FashionMNIST,
-                     "cifar10": torchvision.datasets.CIFAR10, "svhn": torchvision.datasets.SVHN}[name]
+    """MNIST / FashionMNIST / CIFAR-10 / SVHN through torchvision (downloaded when missing)."""
+    dataset_class = {
+        "mnist": torchvision.datasets.MNIST,
+        "fmnist": torchvision.datasets.FashionMNIST,
+        "cifar10": torchvision.datasets.CIFAR10,
+        "svhn": torchvision.datasets.SVHN,
+    }[name]
     split = {"split": "train" if train else "test"} if name == "svhn" else {"train": train}
     try:
         dataset = dataset_class(root, download=False, **split)
     except RuntimeError:
         print(f"{name} not found under {root}: downloading it ...", flush=True)
         try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
                 dataset = dataset_class(root, download=True, **split)
         except Exception as error:
-            raise DataError(f"cannot load {name} from {root} ({type(error).__name__}); offline, put torchvision's "
-                            f"{name} files under {root} or pass --data-root")
+            raise DataError(
+                f"cannot load {name} from {root} ({type(error).__name__}); offline, put "
+                "torchvision's "
+                f"{name} files under {root} or pass --data-root"
+            )
     images = torch.as_tensor(np.asarray(dataset.data))
     if images.dim() == 3:  # MNIST, FashionMNIST: (N, H, W)
         images = images[:, None]
@@ -381,7 +634,7 @@ def torchvision_images(name, root, train):
 
 
 def load_data(cfg):
-    """-> (train set, evaluation set, name of the evaluation split). Both give uint8 (C, H, W) images."""
+    """-> (train set, evaluation set, name of the evaluation split), of uint8 (C, H, W) images."""
     if cfg.dataset in TORCHVISION_SETS:
         train = torchvision_images(cfg.dataset, cfg.data_root, train=True)
         test = torchvision_images(cfg.dataset, cfg.data_root, train=False)
@@ -397,13 +650,17 @@ def load_data(cfg):
         test = test if test is not None else train
     for data in (train, test):
         if data.shape[1:] != (cfg.image_size, cfg.image_size) or data.shape[0] != train.shape[0]:
-            raise DataError(f"{cfg.dataset} images are {'x'.join(map(str, data.shape))} (C x H x W); this run expects "
-                            f"{train.shape[0]} x {cfg.image_size} x {cfg.image_size} (--image-size)")
+            raise DataError(
+                f"{cfg.dataset} images are {'x'.join(map(str, data.shape))} (C x H x W); this run "
+                "expects "
+                f"{train.shape[0]} x {cfg.image_size} x {cfg.image_size} (--image-size)"
+            )
     return train, test, split
 
 
 def epoch_batches(data, batch_size, seed, epoch, skip, num_workers):
-    """uint8 batches of one epoch in the order fixed by (seed, epoch), without its first `skip` batches.
+    """uint8 batches of one epoch in the order fixed by (seed, epoch), without its first `skip`
+    batches.
 
     The order depends on nothing else, so a resumed run sees exactly the batches a one-go run sees.
     The last batch is smaller when len(data) is not a multiple of batch_size (drop_last=False).
@@ -414,8 +671,12 @@ def epoch_batches(data, batch_size, seed, epoch, skip, num_workers):
         for indices in batches:
             yield data.images[torch.from_numpy(indices).to(data.images.device)]
     else:
-        yield from torch.utils.data.DataLoader(data, batch_sampler=[b.tolist() for b in batches],
-                                               num_workers=num_workers, pin_memory=torch.cuda.is_available())
+        yield from torch.utils.data.DataLoader(
+            data,
+            batch_sampler=[b.tolist() for b in batches],
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
 
 
 def ordered_batches(data, batch_size, limit, num_workers):
@@ -425,8 +686,11 @@ def ordered_batches(data, batch_size, limit, num_workers):
         for start in range(0, count, batch_size):
             yield data.images[start:min(start + batch_size, count)]
     else:
-        yield from torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(count)), batch_size=batch_size,
-                                               num_workers=num_workers)
+        yield from torch.utils.data.DataLoader(
+            torch.utils.data.Subset(data, range(count)),
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
 
 
 def to_float(images, device):
@@ -435,21 +699,29 @@ def to_float(images, device):
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # model: Soft-IntroVAE's "standard" ResNet VAE, which the released AS-IntroVAE code uses
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class ResBlock(nn.Module):
-    """conv3x3-BN-LeakyReLU(0.2)-conv3x3-BN, plus the skip (1x1 conv when the channels change), then LeakyReLU(0.2)."""
+    """conv3x3-BN-LeakyReLU(0.2)-conv3x3-BN, plus the skip (1x1 conv when the channels change),
+    then LeakyReLU(0.2)."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
             nn.LeakyReLU(0.2),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels))
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
         # `!=`, not the released code's `is not` (an identity test on ints): equal channel counts
         # always get the identity skip
-        self.skip = nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else nn.Identity()
+        self.skip = (
+            nn.Conv2d(in_channels, out_channels, 1, bias=False)
+            if in_channels != out_channels
+            else nn.Identity()
+        )
         self.act = nn.LeakyReLU(0.2)
 
     def forward(self, x):
@@ -457,11 +729,16 @@ class ResBlock(nn.Module):
 
 
 def encoder_convs(image_channels, channels, pool):
-    """The encoder's convolutional part: conv5x5-BN-LeakyReLU(0.2)-pool, per further channel entry
-    ResBlock-pool, a final ResBlock. pool: nn.AvgPool2d (the encoder) or nn.MaxPool2d (the discriminator).
-    (B, C, H, W) -> (B, channels[-1], H / 2^len(channels), W / 2^len(channels))."""
-    layers = [nn.Conv2d(image_channels, channels[0], 5, padding=2, bias=False), nn.BatchNorm2d(channels[0]),
-              nn.LeakyReLU(0.2), pool(2)]
+    """The encoder's convolutional part: conv5x5-BN-LeakyReLU(0.2)-pool, per further channel
+    entry ResBlock-pool, a final ResBlock. pool: nn.AvgPool2d (the encoder) or nn.MaxPool2d
+    (the discriminator). (B, C, H, W) -> (B, channels[-1], H / 2^len(channels), W /
+    2^len(channels))."""
+    layers = [
+        nn.Conv2d(image_channels, channels[0], 5, padding=2, bias=False),
+        nn.BatchNorm2d(channels[0]),
+        nn.LeakyReLU(0.2),
+        pool(2),
+    ]
     for c_in, c_out in zip(channels[:-1], channels[1:]):
         layers += [ResBlock(c_in, c_out), pool(2)]
     layers.append(ResBlock(channels[-1], channels[-1]))
@@ -483,7 +760,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z (B, z_dim) -> image (B, C, H, W) in float32, no output activation (images live in [0, 1])."""
+    """z (B, z_dim) -> image (B, C, H, W) in float32, no output activation
+    (images live in [0, 1])."""
 
     def __init__(self, image_channels, channels, image_size, z_dim):
         super().__init__()
@@ -501,9 +779,10 @@ class Decoder(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Dis(x) of AVAE-S Eq. 11 for --arch resnet: the encoder, but "it uses max pooling for down-sampling" (AVAE-S
-    Sec. III). Our encoder down-samples with AvgPool2d, not strided convs, so MaxPool2d takes its place; the
-    head is one logit (the sigmoid lives in the losses). (B, C, H, W) -> logits (B,) in float32."""
+    """Dis(x) of AVAE-S Eq. 11 for --arch resnet: the encoder, but "it uses max pooling for
+    down-sampling" (AVAE-S Sec. III). Our encoder down-samples with AvgPool2d, not strided convs,
+    so MaxPool2d takes its place; the head is one logit (the sigmoid lives in the losses).
+    (B, C, H, W) -> logits (B,) in float32."""
 
     def __init__(self, image_channels, channels, image_size):
         super().__init__()
@@ -527,24 +806,34 @@ class Discriminator(nn.Module):
 #   48 fully-connected, bnorm, tanh       | 24 conv. 3x3, bnorm, ReLU, NN_upsample
 #   32 latent dim, z_mean, z_sigma        | 24 conv. 3x3, bnorm, ReLU
 #   32 sampling layer, z_sample           | 3 conv_transpose 1x1, sigmoid
-# Padding "same" (3x3: pad 1; 4x4 stride 2: pad 1, which halves the side), so 96 px -> 6 x 6. Convs before a
-# BatchNorm have no bias (the BatchNorm shift replaces it). The sampling layer is reparameterize().
+# Padding "same" (3x3: pad 1; 4x4 stride 2: pad 1, which halves the side), so 96 px -> 6 x 6.
+# Convs before a BatchNorm have no bias (the BatchNorm shift replaces it). The sampling layer is
+# reparameterize().
 class AVAEEncoder(nn.Module):
-    """AVAE-S Table I encoder: x (B, C, S, S) -> mu, logvar, each (B, z_dim) in float32; S divisible by 16 (96 in the paper)."""
+    """AVAE-S Table I encoder: x (B, C, S, S) -> mu, logvar, each (B, z_dim) in float32; S
+    divisible by 16 (96 in the paper)."""
 
     def __init__(self, image_channels, image_size, z_dim, widths=TABLE_I_WIDTHS):
         super().__init__()
         side = image_size // 2 ** len(widths)
         layers, c_in = [], image_channels
         for width in widths:
-            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                       nn.Conv2d(width, width, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            layers += [
+                nn.Conv2d(c_in, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.Conv2d(width, width, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+            ]
             c_in = width
         self.conv = nn.Sequential(*layers)
-        self.fc = nn.Sequential(nn.Linear(widths[-1] * side * side, 48, bias=False), nn.BatchNorm1d(48), nn.Tanh())
+        self.fc = nn.Sequential(
+            nn.Linear(widths[-1] * side * side, 48, bias=False), nn.BatchNorm1d(48), nn.Tanh()
+        )
         self.fc_mu = nn.Linear(48, z_dim)
-        # DEVIATION: AVAE-S Table I names the second head z_sigma; it outputs log-variance here, like every encoder in
-        # this file, so the shared KL and reparameterisation apply unchanged.
+        # DEVIATION: AVAE-S Table I names the second head z_sigma; it outputs log-variance here,
+        # like every encoder in this file, so the shared KL and reparameterisation apply unchanged.
         self.fc_logvar = nn.Linear(48, z_dim)
 
     def forward(self, x):
@@ -553,8 +842,9 @@ class AVAEEncoder(nn.Module):
 
 
 class AVAEDecoder(nn.Module):
-    """AVAE-S Table I decoder: z (B, z_dim) -> image (B, C, S, S) in (0, 1) (sigmoid output), float32. Nearest-neighbour
-    upsampling after the first conv of each width (AVAE-S Sec. III: no checkerboard artifacts)."""
+    """AVAE-S Table I decoder: z (B, z_dim) -> image (B, C, S, S) in (0, 1) (sigmoid output),
+    float32. Nearest-neighbour upsampling after the first conv of each width (AVAE-S Sec. III: no
+    checkerboard artifacts)."""
 
     def __init__(self, image_channels, image_size, z_dim, widths=TABLE_I_WIDTHS):
         super().__init__()
@@ -564,9 +854,15 @@ class AVAEDecoder(nn.Module):
                                 nn.Linear(48, flat, bias=False), nn.BatchNorm1d(flat), nn.Tanh())
         layers, c_in = [], self.top
         for width in reversed(widths):  # 192, 96, 48, 24
-            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                       nn.Upsample(scale_factor=2, mode="nearest"),
-                       nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            layers += [
+                nn.Conv2d(c_in, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(width, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+            ]
             c_in = width
         layers += [nn.ConvTranspose2d(c_in, image_channels, 1), nn.Sigmoid()]
         self.conv = nn.Sequential(*layers)
@@ -576,28 +872,41 @@ class AVAEDecoder(nn.Module):
 
 
 class AVAEDiscriminator(nn.Module):
-    """Dis(x) for --arch avae: AVAE-S Table I's encoder with each 4x4 stride-2 conv replaced by MaxPool2d(2) (AVAE-S
-    Sec. III), its 48-unit fully-connected layer (bnorm, tanh), then one logit. (B, C, S, S) -> logits (B,)."""
+    """Dis(x) for --arch avae: AVAE-S Table I's encoder with each 4x4 stride-2 conv replaced by
+    MaxPool2d(2) (AVAE-S Sec. III), its 48-unit fully-connected layer (bnorm, tanh), then one
+    logit. (B, C, S, S) -> logits (B,)."""
 
     def __init__(self, image_channels, image_size, widths=TABLE_I_WIDTHS):
         super().__init__()
         side = image_size // 2 ** len(widths)
         layers, c_in = [], image_channels
         for width in widths:
-            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c_in, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             c_in = width
         self.conv = nn.Sequential(*layers)
-        self.fc = nn.Sequential(nn.Linear(widths[-1] * side * side, 48, bias=False), nn.BatchNorm1d(48), nn.Tanh(),
-                                nn.Linear(48, 1))
+        self.fc = nn.Sequential(
+            nn.Linear(widths[-1] * side * side, 48, bias=False),
+            nn.BatchNorm1d(48),
+            nn.Tanh(),
+            nn.Linear(48, 1),
+        )
 
     def forward(self, x):
         return self.fc(self.conv(x).flatten(1)).float().view(-1)
 
 
 def build_networks(image_channels, channels, image_size, z_dim, arch="resnet"):
-    """The encoder and decoder every method here shares: the ResNet VAE, or AVAE-S Table I's (arch "avae")."""
+    """The encoder and decoder every method here shares: the ResNet VAE, or AVAE-S Table I's
+    (arch "avae")."""
     if arch == "avae":
-        return AVAEEncoder(image_channels, image_size, z_dim), AVAEDecoder(image_channels, image_size, z_dim)
+        return AVAEEncoder(image_channels, image_size, z_dim), AVAEDecoder(
+            image_channels, image_size, z_dim
+        )
     return (Encoder(image_channels, channels, image_size, z_dim),
             Decoder(image_channels, channels, image_size, z_dim))
 
@@ -614,10 +923,10 @@ def reparameterize(mu, logvar):
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # losses: pure functions of tensors. Per-sample values are (B,); "mean" is over the batch.
 # The functions from kl_divergence to as_intro_decoder_loss are word for word those of toy2d.py.
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def sse(x, y):
     """Per-sample sum of squared errors over all pixels: SSE_i = sum_p (x_ip - y_ip)^2, the
     -log p(x|z) of Eq. 1 up to constants (a SUM over pixels, not a mean, as the released code).
@@ -767,11 +1076,11 @@ def as_intro_decoder_loss(
     return per_sample.mean(-1)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # training steps. Each takes the networks, their optimiser(s), the batch x (B, C, H, W) in [0, 1],
 # the noise it shares between its two halves, its weights and amp (a bf16 autocast context or a
 # no-op), and returns a dict of detached 0-d tensors (no host sync). train_step picks one per phase.
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def optimizer_step(loss, *optimizers):
     """Gradients of loss for every parameter that requires them, then one step of each optimiser."""
     for optimizer in optimizers:
@@ -810,8 +1119,9 @@ def vae_step(encoder, decoder, opt_encoder, opt_decoder, x, *, beta_rec, beta_kl
     return detached({"loss": loss, **stats})
 
 
-def intro_encoder_step(encoder, decoder, opt_encoder, x, eps, *, margin, beta_rec, beta_kl, beta_neg,
-                       amp):
+def intro_encoder_step(
+    encoder, decoder, opt_encoder, x, eps, *, margin, beta_rec, beta_kl, beta_neg, amp
+):
     """IntroVAE's encoder update (decoder frozen), eps (B, z) the prior draw. -> (z, logged values);
     z (B, z) is reused by the decoder step."""
     set_requires_grad(encoder, True)
@@ -834,7 +1144,7 @@ def intro_encoder_step(encoder, decoder, opt_encoder, x, eps, *, margin, beta_re
 
 
 def intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps, *, beta_rec, beta_kl, amp):
-    """IntroVAE's decoder update (encoder frozen, as just updated) on the encoder step's z and eps."""
+    """IntroVAE's decoder update (encoder frozen, as just updated), the encoder step's z, eps."""
     set_requires_grad(encoder, False)
     set_requires_grad(decoder, True)
     with amp():
@@ -947,27 +1257,35 @@ def soft_intro_step(encoder, decoder, opt_encoder, opt_decoder, x, eps, *, c, s,
                                                variant=variant, amp=amp)}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # AVAE-S (Naderi, Haji Soleimani, Matwin, "Adversarial Sharpened VAE"): VAE-S, AVAE, AVAE-S.
 # Reconstruction terms are PER SAMPLE (B,), summed over pixels / maps like sse(); the total
 # correlation is a property of the batch (a scalar).
-# ---------------------------------------------------------------------------------------------------
-REC_TERMS = ("mae", "mse", "1-ssim", "sobel", "gabor")  # the five terms of AVAE-S Eq. 5, in the paper's order
+# --------------------------------------------------------------------------------------------------
+REC_TERMS = (
+    "mae",
+    "mse",
+    "1-ssim",
+    "sobel",
+    "gabor",
+)  # the five terms of AVAE-S Eq. 5, in the paper's order
 
 
 def loss_mae(x, rec):
-    """L_MAE of AVAE-S Eq. 5 (AVAE-S Algorithm 1: ||X - X~||_1): sum_p |x_p - rec_p| per sample. (B, ...) x 2 -> (B,).
-    (L_MSE, ||X - X~||_2 read as the squared error, is sse(): lambda_MSE = 1 alone is the `vae` baseline.)"""
+    """L_MAE of AVAE-S Eq. 5 (AVAE-S Algorithm 1: ||X - X~||_1): sum_p |x_p - rec_p| per sample.
+    (B, ...) x 2 -> (B,). (L_MSE, ||X - X~||_2 read as the squared error, is sse(): lambda_MSE =
+    1 alone is the `vae` baseline.)"""
     return (x - rec).abs().flatten(1).sum(dim=1)
 
 
 def loss_1_ssim(x, rec):
-    """L_1-SSIM of AVAE-S Eq. 5 and 8: 1 - SSIM(x, rec) per sample, in [0, 2]. (B, C, H, W) x 2 -> (B,).
+    """L_1-SSIM of AVAE-S Eq. 5 and 8: 1 - SSIM(x, rec) per sample, in [0, 2]. (B, C, H, W) x 2 ->
+    (B,).
 
-    SSIM is eval_metrics.ssim_torch, the function that scores SSIM at evaluation (Wang et al. 2004 with
-    alpha = beta = gamma = 1 in AVAE-S Eq. 8: 11-tap Gaussian window, sigma 1.5, valid region, data range 1),
-    differentiable. rec is not clamped here (eval_metrics.ssim clamps): a clamp would zero the gradient
-    of out-of-range pixels.
+    SSIM is eval_metrics.ssim_torch, the function that scores SSIM at evaluation (Wang et al. 2004
+    with alpha = beta = gamma = 1 in AVAE-S Eq. 8: 11-tap Gaussian window, sigma 1.5, valid region,
+    data range 1), differentiable. rec is not clamped here (eval_metrics.ssim clamps): a clamp would
+    zero the gradient of out-of-range pixels.
     """
     return 1.0 - ssim_torch(x, rec, data_range=1.0)
 
@@ -975,19 +1293,22 @@ def loss_1_ssim(x, rec):
 def sobel_edges(x):
     """E_Sobel of AVAE-S Eq. 6: the two 3x3 Sobel gradient maps of every channel, valid region.
 
-    G_x = [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]] as a cross-correlation (F.conv2d; positive on a dark-to-bright
-    step from left to right), G_y = G_x transposed; one scale, unnormalised (AVAE-S Eq. 5's lambda absorbs the scale).
-    Both maps rather than the magnitude sqrt(G_x^2 + G_y^2), whose gradient is undefined on flat regions.
-    (B, C, H, W) -> (B, 2C, H - 2, W - 2), channels (c0 G_x, c0 G_y, c1 G_x, ...).
+    G_x = [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]] as a cross-correlation (F.conv2d; positive on a
+    dark-to-bright step from left to right), G_y = G_x transposed; one scale, unnormalised
+    (AVAE-S Eq. 5's lambda absorbs the scale). Both maps rather than the magnitude
+    sqrt(G_x^2 + G_y^2), whose gradient is undefined on flat regions. (B, C, H, W) ->
+    (B, 2C, H - 2, W - 2), channels (c0 G_x, c0 G_y, c1 G_x, ...).
     """
-    g_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype, device=x.device)
+    g_x = torch.tensor(
+        [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype, device=x.device
+    )
     kernels = torch.stack([g_x, g_x.t()]).unsqueeze(1)  # (2, 1, 3, 3)
     return F.conv2d(x, kernels.repeat(x.shape[1], 1, 1, 1), groups=x.shape[1])
 
 
 def loss_sobel(x, rec):
-    """L_Sobel, AVAE-S Eq. 6: ||E_Sobel(x) - E_Sobel(rec)||^2 summed over both maps of every channel, per sample
-    (B,). Squared, as AVAE-S Algorithm 1's ||.||_2 for L_MSE."""
+    """L_Sobel, AVAE-S Eq. 6: ||E_Sobel(x) - E_Sobel(rec)||^2 summed over both maps of every
+    channel, per sample (B,). Squared, as AVAE-S Algorithm 1's ||.||_2 for L_MSE."""
     return sse(sobel_edges(x), sobel_edges(rec))
 
 
@@ -1001,17 +1322,23 @@ def gabor_geometry(wavelength):
     return sigma, int(math.ceil(2.0 * sigma))
 
 
-def gabor_kernels(wavelengths=GABOR_WAVELENGTHS, orientations_deg=(0.0, 45.0, 90.0, 135.0), gamma=1.0):
-    """The fixed Gabor bank T_Gabor of AVAE-S Eq. 7 (the paper gives no parameters): one (K, 1, k, k) float64
-    tensor per scale, K = 2 * len(orientations) (an even and an odd kernel per orientation).
+def gabor_kernels(
+    wavelengths=GABOR_WAVELENGTHS, orientations_deg=(0.0, 45.0, 90.0, 135.0), gamma=1.0
+):
+    """The fixed Gabor bank T_Gabor of AVAE-S Eq. 7 (the paper gives no parameters): one
+    (K, 1, k, k) float64 tensor per scale, K = 2 * len(orientations) (an even and an odd kernel per
+    orientation).
 
-    Per scale: wavelength lam px, sigma = lam / 2 (about a 1.1-octave bandwidth), radius ceil(2 sigma), so
-    k = 9 at lam 4 and 17 at lam 8; orientation theta = the direction of the carrier's wave vector, from the
-    column axis towards the row axis (theta = 0 responds to vertical edges):
-        g(u, v) = exp(-(u'^2 + gamma^2 v'^2) / (2 sigma^2)) cos(2 pi u' / lam - psi) / Z,   psi in {0, pi / 2}
-        u' = u cos(theta) + v sin(theta),  v' = -u sin(theta) + v cos(theta),  u = column, v = row offset
-    Z = the envelope's sum (responses stay in image units at every scale); then each kernel's mean is subtracted
-    so a flat region gives 0 (brightness is L_MAE's and L_MSE's job). Order: (theta0 even, theta0 odd, theta1 ...).
+    Per scale: wavelength lam px, sigma = lam / 2 (about a 1.1-octave bandwidth), radius
+    ceil(2 sigma), so k = 9 at lam 4 and 17 at lam 8; orientation theta = the direction of the
+    carrier's wave vector, from the column axis towards the row axis (theta = 0 responds to
+    vertical edges):
+        g(u, v) = exp(-(u'^2 + gamma^2 v'^2) / (2 sigma^2)) cos(2 pi u' / lam - psi) / Z,
+        psi in {0, pi / 2},  u' = u cos(theta) + v sin(theta),  v' = -u sin(theta) + v cos(theta),
+        u = column offset, v = row offset
+    Z = the envelope's sum (responses stay in image units at every scale); then each kernel's mean
+    is subtracted so a flat region gives 0 (brightness is L_MAE's and L_MSE's job). Order:
+    (theta0 even, theta0 odd, theta1 ...).
     """
     bank = []
     for lam in wavelengths:
@@ -1035,9 +1362,9 @@ GABOR_MAX_KERNEL = 2 * gabor_geometry(max(GABOR_WAVELENGTHS))[1] + 1
 
 
 def gabor_responses(x, kernels):
-    """T_Gabor of AVAE-S Eq. 7: every kernel of every scale on every channel, valid region.
-    x (B, C, H, W), H and W >= the largest kernel; kernels: gabor_kernels() (moved to x's device and dtype).
-    Returns one (B, C K, H - k + 1, W - k + 1) tensor per scale."""
+    """T_Gabor of AVAE-S Eq. 7: every kernel of every scale on every channel, valid region. x
+    (B, C, H, W), H and W >= the largest kernel; kernels: gabor_kernels()
+    (moved to x's device and dtype). Returns one (B, C K, H - k + 1, W - k + 1) tensor per scale."""
     responses = []
     for bank in kernels:
         if bank.shape[-1] > min(x.shape[-2:]):
@@ -1049,8 +1376,8 @@ def gabor_responses(x, kernels):
 
 
 def loss_gabor(x, rec, kernels):
-    """L_Gabor, AVAE-S Eq. 7: ||T_Gabor(x) - T_Gabor(rec)||^2 summed over scales, kernels, channels and positions,
-    per sample (B,). Squared, as L_Sobel."""
+    """L_Gabor, AVAE-S Eq. 7: ||T_Gabor(x) - T_Gabor(rec)||^2 summed over scales, kernels,
+    channels and positions, per sample (B,). Squared, as L_Sobel."""
     total = 0.0
     for response_x, response_rec in zip(gabor_responses(x, kernels), gabor_responses(rec, kernels)):
         total = total + sse(response_x, response_rec)
@@ -1058,63 +1385,84 @@ def loss_gabor(x, rec, kernels):
 
 
 def reconstruction_terms(x, rec, kernels):
-    """The five unweighted terms of AVAE-S Eq. 5, {name: (B,)} in REC_TERMS order (logged, and weighed by loss_rec)."""
+    """The five unweighted terms of AVAE-S Eq. 5, {name: (B,)} in REC_TERMS order
+    (logged, and weighed by loss_rec)."""
     return {"mae": loss_mae(x, rec), "mse": sse(x, rec), "1-ssim": loss_1_ssim(x, rec),
             "sobel": loss_sobel(x, rec), "gabor": loss_gabor(x, rec, kernels)}
 
 
 def loss_rec(terms, weights):
-    """L_REC, AVAE-S Eq. 5: lambda_1 L_MAE + lambda_2 L_MSE + lambda_3 L_1-SSIM + lambda_4 L_Sobel + lambda_5 L_Gabor.
-    terms: {name: (B,)} from reconstruction_terms; weights: {name: lambda}, the same names. Returns (B,)."""
+    """L_REC, AVAE-S Eq. 5: lambda_1 L_MAE + lambda_2 L_MSE + lambda_3 L_1-SSIM + lambda_4
+    L_Sobel + lambda_5 L_Gabor. terms: {name: (B,)} from reconstruction_terms; weights:
+    {name: lambda}, the same names. Returns (B,)."""
     if set(terms) != set(weights):
-        raise ValueError(f"terms {sorted(terms)} and weights {sorted(weights)} name different losses")
+        raise ValueError(
+            f"terms {sorted(terms)} and weights {sorted(weights)} name different losses"
+        )
     return sum(weights[name] * terms[name] for name in terms)
 
 
 def balance_weights(term_means, reference="mse"):
     """The lambdas of AVAE-S Eq. 5 from the terms' magnitudes: lambda_i = mean_reference / mean_i.
 
-    The paper sets the lambdas so that "all of the losses stay in the same scale" (AVAE-S Eq. 5), by example (Sec. III:
-    mean L1 30 and L2 900 -> lambda_L1 = 30, L2 weighted 1), from the terms probed over one epoch. So every weighted
-    term starts at the reference's magnitude and lambda_MSE = 1. term_means: {name: mean of that unweighted
-    per-sample term over the probe batches}. Returns {name: lambda} as floats, to be frozen.
+    The paper sets the lambdas so that "all of the losses stay in the same scale" (AVAE-S Eq. 5), by
+    example (Sec. III: mean L1 30 and L2 900 -> lambda_L1 = 30, L2 weighted 1), from the terms
+    probed over one epoch. So every weighted term starts at the reference's magnitude and
+    lambda_MSE = 1. term_means: {name: mean of that unweighted per-sample term over the probe
+    batches}. Returns {name: lambda} as floats, to be frozen.
     """
     if reference not in term_means:
         raise ValueError(f"the reference term {reference!r} is missing from {sorted(term_means)}")
     for name, value in term_means.items():
         if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"cannot balance the loss terms: mean of {name!r} is {value!r}, need a positive finite number")
+            raise ValueError(
+                f"cannot balance the loss terms: mean of {name!r} is {value!r}, need a positive "
+                "finite number"
+            )
     return {name: float(term_means[reference]) / float(value) for name, value in term_means.items()}
 
 
 def total_correlation(z, mu, logvar, dataset_size, estimator="mss"):
-    """L_KL-TC, AVAE-S Eq. 10: KL(q(z) || prod_j q(z_j)), estimated on the minibatch as in beta-TCVAE (Chen, Li,
-    Grosse, Duvenaud, "Isolating Sources of Disentanglement in VAEs", NeurIPS 2018, Sec. 3 and App. C). A scalar.
+    """L_KL-TC, AVAE-S Eq. 10: KL(q(z) || prod_j q(z_j)), estimated on the minibatch as in
+    beta-TCVAE (Chen, Li, Grosse, Duvenaud, "Isolating Sources of Disentanglement in VAEs", NeurIPS
+    2018, Sec. 3 and App. C). A scalar.
 
     z, mu, logvar: (M, D), z_i drawn from q(z | x_i); dataset size N >= M >= 2.
-    TC ~= 1/M sum_i [ log q(z_i) - sum_d log q(z_id) ],  q(z_i) = sum_j w_ij q(z_i | x_j),  q(z_id) likewise
-    per dimension with the diagonal Gaussian posteriors:
-      "mss" (default), minibatch-stratified sampling: w_ii = 1/N, w_ij = (N - 1) / (N (M - 1)) for j != i
-            (x_i's own posterior with its true weight plus the other N - 1 points estimated from the M - 1
-            others); unbiased for q(z_i), exact when M = N.
-      "mws", minibatch-weighted sampling (beta-TCVAE's Sec. 3 estimator): w_ij = 1 / (N M) for all j.
+        TC ~= 1/M sum_i [ log q(z_i) - sum_d log q(z_id) ],  q(z_i) = sum_j w_ij q(z_i | x_j),
+    q(z_id) likewise per dimension with the diagonal Gaussian posteriors:
+      "mss" (default), minibatch-stratified sampling: w_ii = 1/N, w_ij = (N - 1) / (N (M - 1))
+            for j != i (x_i's own posterior with its true weight plus the other N - 1 points
+            estimated from the M - 1 others); unbiased for q(z_i), exact when M = N.
+      "mws", minibatch-weighted sampling (beta-TCVAE's Sec. 3 estimator): w_ij = 1 / (N M) for
+            all j.
     """
     batch = z.shape[0]
     if batch < 2 or dataset_size < batch:
-        raise ValueError(f"total correlation needs 2 <= batch size ({batch}) <= dataset size ({dataset_size})")
+        raise ValueError(
+            f"total correlation needs 2 <= batch size ({batch}) <= dataset size ({dataset_size})"
+        )
     # log q(z_id | x_j) for every pair: (M, M, D), row i = sample, column j = posterior
-    log_q_pairs = -0.5 * (math.log(2.0 * math.pi) + logvar.unsqueeze(0)
-                          + (z.unsqueeze(1) - mu.unsqueeze(0)).pow(2) * torch.exp(-logvar.unsqueeze(0)))
+    log_q_pairs = -0.5 * (
+        math.log(2.0 * math.pi)
+        + logvar.unsqueeze(0)
+        + (z.unsqueeze(1) - mu.unsqueeze(0)).pow(2) * torch.exp(-logvar.unsqueeze(0))
+    )
     # MSS by default (the paper names no estimator): MWS's weights sum to 1/N instead of 1, which
     # shifts the joint by -log N and the product of marginals by -D log N: on a factorised q(z)
     # (every posterior N(0, I)) MWS returns (D - 1) log N (341 nats at D = 32, N = 60000) where the
     # truth and MSS give 0.
     if estimator == "mss":
-        log_w = torch.full((batch, batch), math.log((dataset_size - 1) / (dataset_size * (batch - 1))),
-                           dtype=z.dtype, device=z.device)
+        log_w = torch.full(
+            (batch, batch),
+            math.log((dataset_size - 1) / (dataset_size * (batch - 1))),
+            dtype=z.dtype,
+            device=z.device,
+        )
         log_w.fill_diagonal_(-math.log(dataset_size))
     elif estimator == "mws":
-        log_w = torch.full((batch, batch), -math.log(dataset_size * batch), dtype=z.dtype, device=z.device)
+        log_w = torch.full(
+            (batch, batch), -math.log(dataset_size * batch), dtype=z.dtype, device=z.device
+        )
     else:
         raise ValueError(f"unknown total-correlation estimator {estimator!r}: use 'mss' or 'mws'")
     log_q_joint = torch.logsumexp(log_q_pairs.sum(dim=2) + log_w, dim=1)  # (M,)
@@ -1123,26 +1471,31 @@ def total_correlation(z, mu, logvar, dataset_size, estimator="mss"):
 
 
 def vae_s_loss(rec_loss, kl, tc, beta_rec, beta_kl, beta_tc):
-    """L_VAE of AVAE-S Eq. 11 (VAE-S): mean_i (beta_rec L_REC_i + beta_kl KL_i) + beta_tc TC, with L_REC of AVAE-S Eq. 5
-    (B,), KL of AVAE-S Eq. 4 (B,) and the batch's TC of AVAE-S Eq. 10 (a scalar); the paper's weights are all 1."""
+    """L_VAE of AVAE-S Eq. 11 (VAE-S): mean_i (beta_rec L_REC_i + beta_kl KL_i) + beta_tc TC,
+    with L_REC of AVAE-S Eq. 5 (B,), KL of AVAE-S Eq. 4 (B,) and the batch's TC of AVAE-S Eq. 10
+    (a scalar); the paper's weights are all 1."""
     return (beta_rec * rec_loss + beta_kl * kl).mean() + beta_tc * tc
 
 
 def loss_dis(logits_real, logits_rec):
-    """L_Dis, AVAE-S Eq. 11, as the binary cross-entropy the discriminator minimises, per sample (B,):
-        -[log Dis(x) + log(1 - Dis(x~))] = softplus(-l_real) + softplus(l_rec),   Dis = sigmoid(logit).
-    AVAE-S Eq. 11 writes the log-likelihood that Dis maximises (AVAE-S Eq. 12); AVAE-S Algorithm 1's descent step needs its negative.
-    Pass the reconstructions' logits detached so only the discriminator learns from it."""
+    """L_Dis, AVAE-S Eq. 11, as the binary cross-entropy the discriminator minimises, per sample
+    (B,), Dis = sigmoid(logit):
+        -[log Dis(x) + log(1 - Dis(x~))] = softplus(-l_real) + softplus(l_rec).
+    AVAE-S Eq. 11 writes the log-likelihood that Dis maximises (AVAE-S Eq. 12); the descent step
+    of AVAE-S Algorithm 1 needs its negative. Pass the reconstructions' logits detached so only
+    the discriminator learns from it."""
     return F.softplus(-logits_real) + F.softplus(logits_rec)
 
 
 def loss_adv(logits_rec, form="minimax"):
-    """The VAE's adversarial term of AVAE-S Eq. 11-12, per sample (B,), added to L_VAE while the gate allows:
-    "minimax" (default): log(1 - Dis(x~)) = -softplus(l_rec), the generator's side of AVAE-S Eq. 11-12 read literally
+    """The VAE's adversarial term of AVAE-S Eq. 11-12, per sample (B,), added to L_VAE while the
+    gate allows: "minimax" (default): log(1 - Dis(x~)) = -softplus(l_rec), the generator's side of
+    AVAE-S Eq. 11-12 read literally
         (L_AVAE = L_VAE + L_Dis; the log Dis(x) part has no VAE gradient);
     "nonsaturating": -log Dis(x~) = softplus(-l_rec) (Goodfellow et al. 2014's recommended form)."""
-    # DEVIATION: AVAE-S Algorithm 1 writes L_AVAE = L_VAE + log Dis(X~); minimised, that pushes reconstructions towards
-    # "fake", the opposite of AVAE-S Eq. 12. Both forms here have AVAE-S Eq. 12's sign.
+    # DEVIATION: AVAE-S Algorithm 1 writes L_AVAE = L_VAE + log Dis(X~); minimised, that pushes
+    # reconstructions towards "fake", the opposite of AVAE-S Eq. 12. Both forms here have the sign
+    # of AVAE-S Eq. 12.
     if form == "minimax":
         return -F.softplus(logits_rec)
     if form == "nonsaturating":
@@ -1151,36 +1504,48 @@ def loss_adv(logits_rec, form="minimax"):
 
 
 def discriminator_accuracy(logits_real, logits_rec):
-    """Accuracy_Dis of AVAE-S Algorithm 1 on one batch: the fraction of the 2B images classified correctly (real:
-    logit > 0, reconstruction: logit < 0; a logit of exactly 0 is wrong). A float (one host sync)."""
+    """Accuracy_Dis of AVAE-S Algorithm 1 on one batch: the fraction of the 2B images classified
+    correctly (real: logit > 0, reconstruction: logit < 0; a logit of exactly 0 is wrong). A
+    float (one host sync)."""
     correct = (logits_real > 0).sum() + (logits_rec < 0).sum()
     return float(correct) / float(logits_real.numel() + logits_rec.numel())
 
 
 def adversarial_gates(accuracy, disc_train_below=0.7, adv_use_above=0.5):
-    """AVAE-S Algorithm 1's gates from the discriminator's accuracy on this batch, both strict as written:
-    -> (train_disc = accuracy < 0.7: the discriminator steps, use_adv = accuracy > 0.5: L_VAE gets the
-    adversarial term)."""
+    """AVAE-S Algorithm 1's gates from the discriminator's accuracy on this batch, both strict as
+    written: -> (train_disc = accuracy < 0.7: the discriminator steps, use_adv = accuracy > 0.5:
+    L_VAE gets the adversarial term)."""
     return accuracy < disc_train_below, accuracy > adv_use_above
 
 
 
 def new_vae_s_state(dataset_size, probe_batches, device):
-    """What the VAE-S loss carries through a run: the Gabor bank (float32 on the device), N for AVAE-S Eq. 10, and the
-    lambda probe of AVAE-S Eq. 5 (sums of the unweighted terms' batch means, the batches seen, the frozen lambdas)."""
-    return {"kernels": [k.to(device, torch.float32) for k in gabor_kernels()], "dataset_size": dataset_size,
-            "probe_batches": probe_batches, "term_count": 0, "rec_weights": None,
-            "term_sums": {name: torch.zeros((), dtype=torch.float64, device=device) for name in REC_TERMS}}
+    """What the VAE-S loss carries through a run: the Gabor bank (float32 on the device), N for
+    AVAE-S Eq. 10, and the lambda probe of AVAE-S Eq. 5 (sums of the unweighted terms' batch
+    means, the batches seen, the frozen lambdas)."""
+    return {
+        "kernels": [k.to(device, torch.float32) for k in gabor_kernels()],
+        "dataset_size": dataset_size,
+        "probe_batches": probe_batches,
+        "term_count": 0,
+        "rec_weights": None,
+        "term_sums": {
+            name: torch.zeros((), dtype=torch.float64, device=device) for name in REC_TERMS
+        },
+    }
 
 
 def probe_rec_weights(vae_s_state, terms):
-    """AVAE-S Eq. 5's lambdas for this batch. During the first probe_batches batches the unweighted terms' batch
-    means are summed (on the device, no sync) and the loss is the plain SSE (lambda_MSE = 1, the others 0); at
-    the last probe batch balance_weights freezes the lambdas (one host sync, once) for the rest of the run."""
+    """AVAE-S Eq. 5's lambdas for this batch. During the first probe_batches batches the
+    unweighted terms' batch means are summed (on the device, no sync) and the loss is the plain
+    SSE (lambda_MSE = 1, the others 0); at the last probe batch balance_weights freezes the
+    lambdas (one host sync, once) for the rest of the run."""
     if vae_s_state["rec_weights"] is not None:
         return vae_s_state["rec_weights"]
     for name, term in terms.items():
-        vae_s_state["term_sums"][name] = vae_s_state["term_sums"][name] + term.detach().mean().double()
+        vae_s_state["term_sums"][name] = (
+            vae_s_state["term_sums"][name] + term.detach().mean().double()
+        )
     vae_s_state["term_count"] += 1
     if vae_s_state["term_count"] >= vae_s_state["probe_batches"]:
         count = vae_s_state["term_count"]
@@ -1194,8 +1559,8 @@ def probe_rec_weights(vae_s_state, terms):
 
 def vae_s_objective(encoder, decoder, x, vae_s_state, *, beta_rec, beta_kl, beta_tc, tc_estimator,
                     amp):
-    """AVAE-S Eq. 11's L_VAE of x (vae_s_loss: AVAE-S Eq. 5's L_REC with the probed lambdas, AVAE-S Eq. 4's KL,
-    AVAE-S Eq. 10's TC) -> (loss, rec (B, C, H, W), logged values)."""
+    """AVAE-S Eq. 11's L_VAE of x (vae_s_loss: AVAE-S Eq. 5's L_REC with the probed lambdas,
+    AVAE-S Eq. 4's KL, AVAE-S Eq. 10's TC) -> (loss, rec (B, C, H, W), logged values)."""
     with amp():
         mu, logvar = encoder(x)  # (B, z)
         z = reparameterize(mu, logvar)
@@ -1234,7 +1599,9 @@ def adversarial_step(encoder, decoder, disc, opt_encoder, opt_decoder, opt_disc,
     loss, rec, stats = objective(encoder, decoder, x)
     batch = x.shape[0]
     with amp():
-        logits = disc(torch.cat([x, rec.detach()]))  # (2B,): one forward, BatchNorm sees both classes
+        logits = disc(
+            torch.cat([x, rec.detach()])
+        )  # (2B,): one forward, BatchNorm sees both classes
     logits_real, logits_rec = logits[:batch], logits[batch:]
     accuracy = discriminator_accuracy(logits_real, logits_rec)  # a host sync: the gates need it
     train_disc, use_adv = adversarial_gates(accuracy, disc_train_below, adv_use_above)
@@ -1247,8 +1614,9 @@ def adversarial_step(encoder, decoder, disc, opt_encoder, opt_decoder, opt_disc,
         with amp():
             logits_rec_vae = disc(torch.cat([x, rec]))[batch:]  # the discriminator after its step
         loss = loss + beta_adv * loss_adv(logits_rec_vae, adv_loss).mean()
-    # DEVIATION: AVAE-S Algorithm 1 skips the VAE update while accuracy <= 0.5; here the VAE keeps training
-    # on L_VAE alone then, so the reconstruction never stalls while the discriminator catches up.
+    # DEVIATION: AVAE-S Algorithm 1 skips the VAE update while accuracy <= 0.5; here the VAE keeps
+    # training on L_VAE alone then, so the reconstruction never stalls while the discriminator
+    # catches up.
     optimizer_step(loss, opt_encoder, opt_decoder)
     set_requires_grad(disc, True)
     gates = {"disc_acc": accuracy, "train_disc": float(train_disc), "use_adv": float(use_adv)}
@@ -1256,9 +1624,9 @@ def adversarial_step(encoder, decoder, disc, opt_encoder, opt_decoder, opt_disc,
             **{name: torch.tensor(value) for name, value in gates.items()}}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # one training iteration: the phase's method and its weights from the config
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def step_method(cfg, epoch):
     """The method whose step trains this epoch: the plain VAE during the introspective warm-up
     (num_vae epochs) and avae's pre-training, VAE-S during avae-s's, else cfg.model."""
@@ -1285,7 +1653,9 @@ def train_step(method, nets, opts, x, cfg, c, s, amp, vae_s_state=None):
         if method == "avae":
             objective = functools.partial(vae_objective, **betas)
         else:
-            objective = functools.partial(vae_s_objective, vae_s_state=vae_s_state, **betas, **sharp)
+            objective = functools.partial(
+                vae_s_objective, vae_s_state=vae_s_state, **betas, **sharp
+            )
         return adversarial_step(encoder, decoder, nets["disc"], opts["encoder"], opts["decoder"],
                                 opts["disc"], x, objective, beta_adv=cfg.beta_adv,
                                 adv_loss=cfg.adv_loss, disc_train_below=cfg.disc_train_below,
@@ -1307,14 +1677,16 @@ def update_ema(ema, decoder, decay):
         shadow.copy_(buffer)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # loop: device, state, checkpoints, logs, grids
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def setup_device(name, bf16):
     """-> (device, amp), amp() a bf16 autocast context on CUDA (a no-op elsewhere)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but no CUDA device is visible")
-    device = torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        "cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    )
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1335,18 +1707,27 @@ def unwrap(module):
 
 
 def make_state(cfg, image_channels, device):
-    """-> (nets {encoder, decoder, ema[, disc]}, opts {encoder, decoder[, disc]}): avae / avae-s add the
-    discriminator and its Adam (the same lr and betas); the trained networks in nn.DataParallel on >1 GPU."""
-    encoder, decoder = build_networks(image_channels, cfg.channels, cfg.image_size, cfg.z_dim, cfg.arch)
+    """-> (nets {encoder, decoder, ema[, disc]}, opts {encoder, decoder[, disc]}): avae / avae-s
+    add the discriminator and its Adam (the same lr and betas); the trained networks in
+    nn.DataParallel on >1 GPU."""
+    encoder, decoder = build_networks(
+        image_channels, cfg.channels, cfg.image_size, cfg.z_dim, cfg.arch
+    )
     trained = {"encoder": encoder, "decoder": decoder}
     if cfg.model in ADVERSARIAL_MODELS:
-        trained["disc"] = build_discriminator(image_channels, cfg.channels, cfg.image_size, cfg.arch)
+        trained["disc"] = build_discriminator(
+            image_channels, cfg.channels, cfg.image_size, cfg.arch
+        )
     ema = copy.deepcopy(decoder).requires_grad_(False)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     for net in (*trained.values(), ema):
         net.to(device, memory_format=memory_format)
-    opts = {name: torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
-            for name, net in trained.items()}
+    opts = {
+        name: torch.optim.Adam(
+            net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda"
+        )
+        for name, net in trained.items()
+    }
     if device.type == "cuda" and torch.cuda.device_count() > 1:
         trained = {name: nn.DataParallel(net) for name, net in trained.items()}
     return {**trained, "ema": ema}, opts
@@ -1361,8 +1742,12 @@ def seed_everything(seed):
 def rng_state():
     """Every RNG the run could touch, as tensors / ints (loadable with weights_only=True)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached], "python": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
 
 
 def set_rng_state(state):
@@ -1376,15 +1761,19 @@ def set_rng_state(state):
 
 
 def avae_s_record(cfg, epoch, vae_s_state):
-    """The AVAE-S part of a checkpoint (or None): the phase the run continues in, and Eq. 5's lambda probe (sums,
-    count, frozen lambdas), so a resumed run neither probes again nor loses a probe in progress."""
+    """The AVAE-S part of a checkpoint (or None): the phase the run continues in, and Eq. 5's
+    lambda probe (sums, count, frozen lambdas), so a resumed run neither probes again nor loses a
+    probe in progress."""
     if cfg.model not in SHARP_MODELS + ADVERSARIAL_MODELS:
         return None
     record = {"phase": phase_name(cfg, epoch)}
     if vae_s_state is not None:
-        record.update(probe_batches=vae_s_state["probe_batches"], term_count=vae_s_state["term_count"],
-                      rec_weights=vae_s_state["rec_weights"],
-                      term_sums={name: total.cpu() for name, total in vae_s_state["term_sums"].items()})
+        record.update(
+            probe_batches=vae_s_state["probe_batches"],
+            term_count=vae_s_state["term_count"],
+            rec_weights=vae_s_state["rec_weights"],
+            term_sums={name: total.cpu() for name, total in vae_s_state["term_sums"].items()},
+        )
     return record
 
 
@@ -1397,10 +1786,15 @@ def phase_name(cfg, epoch):
 def restore_vae_s_state(vae_s_state, record, path):
     """Put a checkpoint's lambda probe back into vae_s_state (on the state's device)."""
     if not record or "term_sums" not in record:
-        raise CheckpointError(f"checkpoint {path} has no AVAE-S lambda probe (avae_s): not a vae-s / avae-s run")
+        raise CheckpointError(
+            f"checkpoint {path} has no AVAE-S lambda probe (avae_s): not a vae-s / avae-s run"
+        )
     device = vae_s_state["term_sums"]["mse"].device
-    vae_s_state.update(term_count=record["term_count"], rec_weights=record["rec_weights"],
-                       term_sums={name: total.to(device) for name, total in record["term_sums"].items()})
+    vae_s_state.update(
+        term_count=record["term_count"],
+        rec_weights=record["rec_weights"],
+        term_sums={name: total.to(device) for name, total in record["term_sums"].items()},
+    )
 
 
 def write_atomically(path, write, binary=False):
@@ -1420,9 +1814,15 @@ def write_json(path, value):
 
 def save_checkpoint(path, nets, opts, step, epoch, total_iters, cfg, avae_s=None):
     """checkpoint.pt, written atomically; avae_s: avae_s_record(...) for the AVAE-S models."""
-    state = {"step": step, "epoch": epoch, "total_iters": total_iters, "config": dataclasses.asdict(cfg), "rng": rng_state(),
-             "nets": {name: unwrap(net).state_dict() for name, net in nets.items()},
-             "opts": {name: o.state_dict() for name, o in opts.items()}}
+    state = {
+        "step": step,
+        "epoch": epoch,
+        "total_iters": total_iters,
+        "config": dataclasses.asdict(cfg),
+        "rng": rng_state(),
+        "nets": {name: unwrap(net).state_dict() for name, net in nets.items()},
+        "opts": {name: o.state_dict() for name, o in opts.items()},
+    }
     if avae_s is not None:
         state["avae_s"] = avae_s
     write_atomically(path, functools.partial(torch.save, state), binary=True)
@@ -1434,7 +1834,9 @@ def load_checkpoint(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(error).__name__}): corrupt or not a checkpoint")
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(error).__name__}): corrupt or not a checkpoint"
+        )
     needed = {"step", "total_iters", "config", "rng", "nets", "opts"}
     if not isinstance(state, dict) or not needed <= set(state):
         raise CheckpointError(f"{path} is not an as_introvae.py checkpoint")
@@ -1448,7 +1850,9 @@ def restore(state, nets, opts, path):
         for name, o in opts.items():
             o.load_state_dict(state["opts"][name])
     except (KeyError, RuntimeError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = (
+            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        )
         raise CheckpointError(f"checkpoint {path} does not fit this model: {first_line}")
 
 
@@ -1463,9 +1867,11 @@ def check_same_run(saved, cfg, path):
     """The flags that decide what is trained must equal the checkpoint's (RUN_FLAGS may differ)."""
     for f in dataclasses.fields(Config):
         if f.name not in RUN_FLAGS and getattr(saved, f.name) != getattr(cfg, f.name):
-            raise CheckpointError(f"checkpoint {path} was made with --{f.name.replace('_', '-')} "
-                                  f"{getattr(saved, f.name)}, this command has {getattr(cfg, f.name)}: "
-                                  f"use the same flags or another --out")
+            raise CheckpointError(
+                f"checkpoint {path} was made with --{f.name.replace('_', '-')} "
+                f"{getattr(saved, f.name)}, this command has {getattr(cfg, f.name)}: "
+                f"use the same flags or another --out"
+            )
 
 
 def format_seconds(seconds):
@@ -1474,14 +1880,17 @@ def format_seconds(seconds):
 
 
 def save_grid(rows, path, nrow):
-    """Stack image batches (each (n, C, H, W) in [0, 1]) into one PNG, nrow images per line (Pillow)."""
-    torchvision.utils.save_image(torch.cat([r.float().cpu().clamp(0, 1) for r in rows]), path, nrow=nrow, padding=2)
+    """Stack image batches (each (n, C, H, W) in [0, 1]) into one PNG, nrow images per line."""
+    torchvision.utils.save_image(
+        torch.cat([r.float().cpu().clamp(0, 1) for r in rows]), path, nrow=nrow, padding=2
+    )
 
 
 @contextlib.contextmanager
 def batchnorm_mode(modules, mode):
-    """BatchNorm on batch statistics ("train", as in every training forward) or on the running averages
-    ("eval") for the duration; the modules' flags and running averages are restored afterwards."""
+    """BatchNorm on batch statistics ("train", as in every training forward) or on the running
+    averages ("eval") for the duration; the modules' flags and running averages are restored
+    afterwards."""
     saved = [(m, m.training, [b.clone() for b in m.buffers()]) for m in modules]
     for m in modules:
         m.train(mode == "train")
@@ -1497,8 +1906,9 @@ def batchnorm_mode(modules, mode):
 
 @torch.no_grad()
 def training_grid(nets, real, noise, bn_mode, amp, path):
-    """Rows: 16 real training images / their reconstructions (z = mu) / 16 EMA-decoder samples; the whole
-    fixed batch goes through the networks so that batch statistics are those of a training batch."""
+    """Rows: 16 real training images / their reconstructions (z = mu) / 16 EMA-decoder samples;
+    the whole fixed batch goes through the networks so that batch statistics are those of a
+    training batch."""
     encoder, decoder, ema = (unwrap(nets[k]) for k in ("encoder", "decoder", "ema"))
     with batchnorm_mode([encoder, decoder, ema], bn_mode), amp():
         rec = decoder(encoder(real)[0])
@@ -1514,7 +1924,9 @@ def plot_curves(records, path, keys):
     image = Image.new("RGB", (cols * width, max(1, math.ceil(len(keys) / cols)) * height), "white")
     draw = ImageDraw.Draw(image)
     for i, key in enumerate(keys):
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None and math.isfinite(r[key])]
+        points = [
+            (r["step"], r[key]) for r in records if r.get(key) is not None and math.isfinite(r[key])
+        ]
         x0, y0 = (i % cols) * width, (i // cols) * height
         left, top, right, bottom = x0 + 60, y0 + 22, x0 + width - 12, y0 + height - 24
         draw.rectangle((left, top, right, bottom), outline="black")
@@ -1528,9 +1940,18 @@ def plot_curves(records, path, keys):
         hi = hi if hi > lo else lo + 1.0
         first, last = min(steps), max(steps)
         span = last - first or 1
-        xy = [(left + (st - first) / span * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top))
-              for st, y in zip(steps, ys)]
-        draw.text((left, y0 + 6), f"{key}{' (log10)' if log_axis else ''}  last {values[-1]:.4g}", fill="black")
+        xy = [
+            (
+                left + (st - first) / span * (right - left),
+                bottom - (y - lo) / (hi - lo) * (bottom - top),
+            )
+            for st, y in zip(steps, ys)
+        ]
+        draw.text(
+            (left, y0 + 6),
+            f"{key}{' (log10)' if log_axis else ''}  last {values[-1]:.4g}",
+            fill="black",
+        )
         draw.text((x0 + 4, top), f"{hi:.3g}", fill="black")
         draw.text((x0 + 4, bottom - 10), f"{lo:.3g}", fill="black")
         draw.text((left, bottom + 6), f"step {first}", fill="black")
@@ -1538,17 +1959,37 @@ def plot_curves(records, path, keys):
         if len(xy) > 1:
             draw.line(xy, fill=(200, 30, 30), width=2)
         else:
-            draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=(200, 30, 30))
+            draw.ellipse(
+                (xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=(200, 30, 30)
+            )
     image.save(path)
 
 
-CURVE_KEYS = ("loss_e", "loss_d", "loss", "rec", "kl_real", "kl_rec", "kl_fake", "kl_diff", "exp_elbo_rec",
-              "exp_elbo_fake", "as_dist", "c", "tc", *(f"term_{name}" for name in REC_TERMS), "loss_dis", "loss_adv",
-              "disc_acc", "train_disc", "use_adv")
+CURVE_KEYS = (
+    "loss_e",
+    "loss_d",
+    "loss",
+    "rec",
+    "kl_real",
+    "kl_rec",
+    "kl_fake",
+    "kl_diff",
+    "exp_elbo_rec",
+    "exp_elbo_fake",
+    "as_dist",
+    "c",
+    "tc",
+    *(f"term_{name}" for name in REC_TERMS),
+    "loss_dis",
+    "loss_adv",
+    "disc_acc",
+    "train_disc",
+    "use_adv",
+)
 
 
 def read_log(path, max_step):
-    """log.jsonl records up to max_step (a resumed run drops what was logged after its checkpoint)."""
+    """log.jsonl records up to max_step: a resumed run drops those logged after its checkpoint."""
     if not os.path.isfile(path):
         return []
     with open(path) as handle:
@@ -1580,7 +2021,8 @@ class Run:
 
 
 def start_or_resume(cfg):
-    """A new run, or the run whose checkpoint.pt is in the run folder (same flags, same RNG state)."""
+    """A new run, or the run whose checkpoint.pt is in the run folder
+    (same flags, same RNG state)."""
     out_dir = cfg.out or os.path.join("runs", run_name(cfg))
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     state = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
@@ -1616,8 +2058,10 @@ def start_or_resume(cfg):
         set_rng_state(state["rng"])
         step = state["step"]
     else:
-        detail = {"asintrovae": f" ({cfg.variant})",
-                  "avae": f" ({cfg.pretrain_epochs} pretrain + {cfg.adv_epochs} adversarial epochs)"}
+        detail = {
+            "asintrovae": f" ({cfg.variant})",
+            "avae": f" ({cfg.pretrain_epochs} pretrain + {cfg.adv_epochs} adversarial epochs)",
+        }
         detail["avae-s"] = detail["avae"]
         print(f"new run {out_dir}: {cfg.model}{detail.get(cfg.model, '')}"
               f"{' on AVAE-S Table I nets' if cfg.arch == 'avae' else ''} on {cfg.dataset} "
@@ -1628,9 +2072,28 @@ def start_or_resume(cfg):
     derived = {"image_shape": train_set.shape, "s": s, "train_images": len(train_set),
                "eval_split": split, "iters_per_epoch": iters_per_epoch, "total_iters": total_iters,
                "device": describe_device(device), "torch": torch.__version__}
-    write_json(os.path.join(out_dir, "config.json"), {**dataclasses.asdict(cfg), "derived": derived})
-    return Run(out_dir, ckpt_path, device, amp, train_set, test_set, split, s, iters_per_epoch,
-               total_iters, stop, schedule, nets, opts, vae_s_state, step, resumed=state is not None)
+    write_json(
+        os.path.join(out_dir, "config.json"), {**dataclasses.asdict(cfg), "derived": derived}
+    )
+    return Run(
+        out_dir,
+        ckpt_path,
+        device,
+        amp,
+        train_set,
+        test_set,
+        split,
+        s,
+        iters_per_epoch,
+        total_iters,
+        stop,
+        schedule,
+        nets,
+        opts,
+        vae_s_state,
+        step,
+        resumed=state is not None,
+    )
 
 
 def flip_at_random(x, enabled):
@@ -1647,7 +2110,11 @@ def check_finite(stats, step, ckpt_path):
         return
     last = load_checkpoint(ckpt_path)["step"] if os.path.exists(ckpt_path) else None
     values = ", ".join(f"{name} {value.item():.4g}" for name, value in losses.items())
-    where = f"last good checkpoint: {ckpt_path} (step {last})" if last is not None else "no checkpoint yet"
+    where = (
+        f"last good checkpoint: {ckpt_path} (step {last})"
+        if last is not None
+        else "no checkpoint yet"
+    )
     raise TrainingDiverged(f"non-finite loss at step {step + 1} ({values}); {where}")
 
 
@@ -1679,8 +2146,14 @@ class TrainingLog:
         for key, value in stats.items():  # counted per key: an interval may span two phases
             self.sums[key] = self.sums.get(key, 0.0) + value
             self.counts[key] = self.counts.get(key, 0) + 1
-        if vae_s_state is not None and vae_s_state["rec_weights"] is not None and not self.lambdas_shown:
-            weights = " ".join(f"{name} {value:.4g}" for name, value in vae_s_state["rec_weights"].items())
+        if (
+            vae_s_state is not None
+            and vae_s_state["rec_weights"] is not None
+            and not self.lambdas_shown
+        ):
+            weights = " ".join(
+                f"{name} {value:.4g}" for name, value in vae_s_state["rec_weights"].items()
+            )
             print(f"AVAE-S Eq. 5 lambdas, frozen after {vae_s_state['term_count']} probe batches: "
                   f"{weights}", flush=True)
             self.lambdas_shown = True
@@ -1709,12 +2182,12 @@ class TrainingLog:
 
 
 def train(cfg):
-    """Algorithm 1: per iteration c (Eq. 9), the encoder step then the decoder step (train_step),
-    the decoder's EMA; with the log, the image grids and the checkpoints around it."""
+    """Soft-IntroVAE's Algorithm 1 with Eq. 9's c: per iteration c, the encoder step then the
+    decoder step (train_step), the decoder's EMA; around it the log, image grids, checkpoints."""
     run = start_or_resume(cfg)
     nets, opts, step = run.nets, run.opts, run.step
     log = TrainingLog(cfg, run.out_dir, step, run.stop)
-    # the grids' fixed inputs; their noise has its own generator, so grids never move the training RNG
+    # the grids' fixed inputs; their noise has its own generator: grids never move the training RNG
     grid_real = to_float(next(ordered_batches(run.train_set, cfg.batch_size, cfg.batch_size, 0)),
                          run.device)
     grid_noise = torch.randn(grid_real.shape[0], cfg.z_dim,
@@ -1744,7 +2217,9 @@ def train(cfg):
         epoch += 1
     log.close()
     if run.resumed and run.step >= run.stop:
-        print(f"training already done at step {run.step} (stop at {run.stop}); evaluating", flush=True)
+        print(
+            f"training already done at step {run.step} (stop at {run.stop}); evaluating", flush=True
+        )
     results = evaluate(nets, cfg, run.train_set, run.test_set, run.split, run.device, run.amp,
                        run.out_dir)
     results.update(checkpoint=run.ckpt_path, step=step,
@@ -1752,30 +2227,38 @@ def train(cfg):
     write_results(results, run.out_dir)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # evaluation
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def summary(per_image):
     return {"mean": float(np.mean(per_image)), "std": float(np.std(per_image))}
 
 
 def cosine_similarity(x, y):
     """Cosine similarity of each pair of flattened images (AVAE-S Table III), float64 on the CPU:
-    cos_i = <x_i, y_i> / (||x_i|| ||y_i||); an all-zero image has no direction and scores 0.
-    x, y: (N, C, H, W); pass the clamped reconstructions eval_metrics scores. -> (per_image (N,), mean)."""
+    cos_i = <x_i, y_i> / (||x_i|| ||y_i||); an all-zero image has no direction and scores 0. x,
+    y: (N, C, H, W); pass the clamped reconstructions eval_metrics scores. ->
+    (per_image (N,), mean)."""
     x = torch.as_tensor(x).detach().to("cpu", torch.float64).flatten(1)
     y = torch.as_tensor(y).detach().to("cpu", torch.float64).flatten(1)
     if x.shape != y.shape:
-        raise ValueError(f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)} after flattening")
+        raise ValueError(
+            f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)} after flattening"
+        )
     norms = x.norm(dim=1) * y.norm(dim=1)
     dot = (x * y).sum(dim=1)
-    per_image = torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dot))
+    per_image = torch.where(
+        norms > 0, dot / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dot)
+    )
     per_image = per_image.numpy()
     return per_image, float(per_image.mean())
 
 
-SHARPNESS_NOTE = ("Laplacian variance of the grey image on the [0, 255] scale (eval_metrics.sharpness); AVAE-S "
-                  "Table III's values (ground truth 0.112) look like the [0, 1] scale: divide by 255^2 = 65025 to compare")
+SHARPNESS_NOTE = (
+    "Laplacian variance of the grey image on the [0, 255] scale (eval_metrics.sharpness); AVAE-S "
+    "Table III's values (ground truth 0.112) look like the [0, 1] scale: divide by 255^2 = 65025 "
+    "to compare"
+)
 
 
 @torch.no_grad()
@@ -1794,8 +2277,9 @@ def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir):
     results = {"dataset": cfg.dataset, "model": cfg.model, "variant": cfg.variant, "arch": cfg.arch,
                "bn_mode": cfg.bn_mode}
     with batchnorm_mode([encoder, decoder, ema], cfg.bn_mode):
-        scores, first = reconstruction_scores(encoder, decoder, sample, test_set, split, cfg, device,
-                                              amp)
+        scores, first = reconstruction_scores(
+            encoder, decoder, sample, test_set, split, cfg, device, amp
+        )
         results.update(scores)
         results["images"] = save_pictures(encoder, decoder, sample, first, cfg.z_dim, device, amp,
                                           out_dir)
@@ -1834,8 +2318,12 @@ def reconstruction_scores(encoder, decoder, sample, test_set, split, cfg, device
         "psnr_identical_images": int(np.isinf(per_image["psnr"]).sum()),
         "ssim": float(per_image["ssim"].mean()), "mse": float(per_image["mse"].mean()),
         "cosine": float(per_image["cosine"].mean())}
-    sharp = {"real": summary(per_image["sharp_real"]), "reconstructed": summary(per_image["sharp_rec"]),
-             "generated_ema": summary(per_image["sharp_fake"]), "note": SHARPNESS_NOTE}
+    sharp = {
+        "real": summary(per_image["sharp_real"]),
+        "reconstructed": summary(per_image["sharp_rec"]),
+        "generated_ema": summary(per_image["sharp_fake"]),
+        "note": SHARPNESS_NOTE,
+    }
     return {"reconstruction": reconstruction, "sharpness": sharp}, first
 
 
@@ -1852,7 +2340,9 @@ def save_pictures(encoder, decoder, sample, first, z_dim, device, amp, out_dir):
     with amp():
         mu = encoder(x.to(device))[0]  # (B, z)
         weights = torch.linspace(0, 1, 8, device=device)[None, :, None]  # (1, 8, 1)
-        path = (1 - weights) * mu[:pairs, None] + weights * mu[pairs:2 * pairs, None]  # (pairs, 8, z)
+        path = (1 - weights) * mu[:pairs, None] + weights * mu[
+            pairs : 2 * pairs, None
+        ]  # (pairs, 8, z)
         frames = decoder(path.reshape(-1, z_dim)).reshape(pairs, 8, *x.shape[1:])
     rows = [torch.cat([x[i:i + 1], frames[i].float().cpu(), x[pairs + i:pairs + i + 1]])
             for i in range(pairs)]
@@ -1862,15 +2352,24 @@ def save_pictures(encoder, decoder, sample, first, z_dim, device, amp, out_dir):
     return pictures
 
 
-FID_DEPTHS = (64, 192, 768, 2048)  # pytorch-fid's blocks 0-3: first max pool, second max pool, pre-aux, pool3
-FID_NOTE = ("FID at pytorch-fid's four Inception depths (64: first max pool, 192: second max pool, 768: pre-aux "
-            "classifier Mixed_6e, 2048: pool3), as AVAE-S Table III; only fid_2048 (= value) is comparable across papers")
+FID_DEPTHS = (
+    64,
+    192,
+    768,
+    2048,
+)  # pytorch-fid's blocks 0-3: first max pool, second max pool, pre-aux, pool3
+FID_NOTE = (
+    "FID at pytorch-fid's four Inception depths (64: first max pool, 192: second max pool, 768: "
+    "pre-aux "
+    "classifier Mixed_6e, 2048: pool3), as AVAE-S Table III; only fid_2048 (= value) is "
+    "comparable across papers"
+)
 
 
 class InceptionAllDepths(nn.Module):
-    """The FID Inception returning its four depths side by side, (N, 64 + 192 + 768 + 2048), from ONE pass
-    (eval_metrics' features_by_depth): eval_metrics' streaming statistics of these rows then hold each depth's
-    mean and covariance as a block of the joint ones."""
+    """The FID Inception returning its four depths side by side, (N, 64 + 192 + 768 + 2048), from
+    ONE pass (eval_metrics' features_by_depth): eval_metrics' streaming statistics of these rows
+    then hold each depth's mean and covariance as a block of the joint ones."""
 
     def __init__(self, inception):
         super().__init__()
@@ -1884,34 +2383,49 @@ class InceptionAllDepths(nn.Module):
 
 
 def fid_by_depth(mu_real, sigma_real, mu_fake, sigma_fake, depths=FID_DEPTHS):
-    """{"fid_<d>": FID} from the joint statistics of features concatenated in `depths` order: depth d's mean and
-    covariance are the slices of its block."""
+    """{"fid_<d>": FID} from the joint statistics of features concatenated in `depths` order:
+    depth d's mean and covariance are the slices of its block."""
     fids, start = {}, 0
     for depth in depths:
         block = slice(start, start + depth)
-        fids[f"fid_{depth}"] = frechet_distance(mu_real[block], sigma_real[block, block], mu_fake[block],
-                                                sigma_fake[block, block])
+        fids[f"fid_{depth}"] = frechet_distance(
+            mu_real[block], sigma_real[block, block], mu_fake[block], sigma_fake[block, block]
+        )
         start += depth
     return fids
 
 
 def fid_of_samples(cfg, sample, train_set, device):
-    """FID of cfg.fid_samples EMA-decoder samples against (at most as many) training images at the four depths,
-    standard pytorch-fid convention (eval-mode Inception, float images in [0, 1], no quantisation)."""
+    """FID of cfg.fid_samples EMA-decoder samples against (at most as many) training images at
+    the four depths, standard pytorch-fid convention (eval-mode Inception, float images in
+    [0, 1], no quantisation)."""
     if cfg.fid_samples == 0:
         return {"value": None, "note": "skipped (--fid-samples 0)"}
     try:
         inception = load_inception(cfg.fid_weights or None, device=str(device))
     except MetricInputError as error:
-        print(f"FID skipped: {error} (in this script: --fid-weights PATH); the rest of the evaluation still runs",
-              flush=True)
+        print(
+            f"FID skipped: {error} (in this script: --fid-weights PATH); the rest of the "
+            "evaluation still runs",
+            flush=True,
+        )
         return {"value": None, "note": f"skipped: {error}"}
-    reference = (to_float(images, device) for images in ordered_batches(train_set, cfg.batch_size, cfg.fid_samples,
-                                                                        cfg.num_workers))
+    reference = (
+        to_float(images, device)
+        for images in ordered_batches(train_set, cfg.batch_size, cfg.fid_samples, cfg.num_workers)
+    )
     inception = InceptionAllDepths(inception)
-    mu_real, sigma_real, n_real = stats_from_batches(reference, inception, max_images=cfg.fid_samples, device=device,
-                                                     batch_size=100, total=min(cfg.fid_samples, len(train_set)))
-    mu_fake, sigma_fake = stats_from_generator(sample, cfg.fid_samples, inception, batch_size=100, device=device)
+    mu_real, sigma_real, n_real = stats_from_batches(
+        reference,
+        inception,
+        max_images=cfg.fid_samples,
+        device=device,
+        batch_size=100,
+        total=min(cfg.fid_samples, len(train_set)),
+    )
+    mu_fake, sigma_fake = stats_from_generator(
+        sample, cfg.fid_samples, inception, batch_size=100, device=device
+    )
     fids = fid_by_depth(mu_real, sigma_real, mu_fake, sigma_fake)
     return {"value": fids["fid_2048"], **fids, "note": FID_NOTE, "generated": cfg.fid_samples,
             "reference": "training images", "reference_images": n_real, "decoder": "EMA"}
@@ -1924,16 +2438,23 @@ def write_results(results, out_dir):
     fid_text = "n/a"
     if fid["value"] is not None:
         shallow = " / ".join(f"{fid['fid_' + str(depth)]:.4g}" for depth in FID_DEPTHS[:-1])
-        fid_text = f"{fid['value']:.2f} (64 / 192 / 768-d: {shallow}; only 2048-d is comparable across papers)"
-    print(f"{rec['split']} reconstruction ({rec['images']} images, z = mu): PSNR {rec['psnr']:.3f} SSIM {rec['ssim']:.3f} "
-          f"MSE {rec['mse']:.4f} cosine {rec['cosine']:.4f} | sharpness rec {sharp['reconstructed']['mean']:.4g} "
-          f"(real {sharp['real']['mean']:.4g}) | FID {fid_text} -> {path}", flush=True)
+        fid_text = (f"{fid['value']:.2f} (64 / 192 / 768-d: {shallow}; only 2048-d is comparable "
+                    "across papers)")
+    print(
+        f"{rec['split']} reconstruction ({rec['images']} images, z = mu): PSNR {rec['psnr']:.3f} "
+        f"SSIM {rec['ssim']:.3f} "
+        f"MSE {rec['mse']:.4f} cosine {rec['cosine']:.4f} | sharpness rec "
+        f"{sharp['reconstructed']['mean']:.4g} "
+        f"(real {sharp['real']['mean']:.4g}) | FID {fid_text} -> {path}",
+        flush=True,
+    )
 
 
 def avae_s_results(cfg, step, iters_per_epoch, vae_s_state):
-    """results.json's AVAE-S block (nothing for the other models): the phase of the last step trained (avae,
-    avae-s) and AVAE-S Eq. 5's frozen lambdas (vae-s, avae-s; None while still probing). vae_s_state: the live
-    state or a checkpoint's avae_s record (the same keys)."""
+    """results.json's AVAE-S block (nothing for the other models): the phase of the last step
+    trained (avae, avae-s) and AVAE-S Eq. 5's frozen lambdas
+    (vae-s, avae-s; None while still probing). vae_s_state: the live state or a checkpoint's
+    avae_s record (the same keys)."""
     block = {}
     if cfg.model in ADVERSARIAL_MODELS:
         block["phase"] = phase_name(cfg, (step - 1) // iters_per_epoch) if step else "untrained"
@@ -1944,12 +2465,14 @@ def avae_s_results(cfg, step, iters_per_epoch, vae_s_state):
 
 
 def run_evaluation(given):
-    """--eval CKPT: the checkpoint's config, RUN_FLAGS from the command line; results next to the checkpoint."""
+    """--eval CKPT: the checkpoint's config, RUN_FLAGS from the command line; results beside it."""
     path = given["eval"]
     state = load_checkpoint(path)
     saved = config_from_checkpoint(state, path)
     check_same_run(saved, Config(**{**dataclasses.asdict(saved), **given}), path)
-    cfg = Config(**{**dataclasses.asdict(saved), **{k: v for k, v in given.items() if k in RUN_FLAGS}})
+    cfg = Config(
+        **{**dataclasses.asdict(saved), **{k: v for k, v in given.items() if k in RUN_FLAGS}}
+    )
     validate(cfg)
     device, amp = setup_device(cfg.device, cfg.bf16)
     train_set, test_set, split = load_data(cfg)
@@ -1967,14 +2490,18 @@ def run_evaluation(given):
 
 
 def bench(cfg):
-    """cfg.bench timed iterations (after 2 untimed ones) on random images at the config's shapes, of the model's
-    last-phase step (avae / avae-s: the adversarial step)."""
+    """cfg.bench timed iterations (after 2 untimed ones) on random images at the config's shapes,
+    of the model's last-phase step (avae / avae-s: the adversarial step)."""
     device, amp = setup_device(cfg.device, cfg.bf16)
     image_channels = IMAGE_CHANNELS.get(cfg.dataset, 3)
     shape = (image_channels, cfg.image_size, cfg.image_size)
     seed_everything(cfg.seed)
     nets, opts = make_state(cfg, image_channels, device)
-    vae_s_state = new_vae_s_state(4 * cfg.batch_size, cfg.lambda_batches or 4, device) if cfg.model in SHARP_MODELS else None
+    vae_s_state = (
+        new_vae_s_state(4 * cfg.batch_size, cfg.lambda_batches or 4, device)
+        if cfg.model in SHARP_MODELS
+        else None
+    )
     method = step_method(cfg, cfg.epochs - 1)
     images = torch.randint(0, 256, (4 * cfg.batch_size, *shape), dtype=torch.uint8, device=device)
     s, warmup = 1.0 / math.prod(shape), 2
@@ -1995,19 +2522,28 @@ def bench(cfg):
         memory = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10:.0f} MiB"
     seconds = (time.perf_counter() - start) / cfg.bench
     losses = " ".join(f"{k} {v.item():.4g}" for k, v in stats.items() if k.startswith("loss"))
-    nets_described = "AVAE-S Table I nets" if cfg.arch == "avae" else f"channels {','.join(map(str, cfg.channels))}"
-    print(f"bench {cfg.dataset} {cfg.model}{'/' + cfg.variant if cfg.model == 'asintrovae' else ''}: batch "
-          f"{cfg.batch_size}, {'x'.join(map(str, shape))}, z {cfg.z_dim}, {nets_described}, "
-          f"{'bf16' if cfg.bf16 and device.type == 'cuda' else 'fp32'}, {describe_device(device)}: "
-          f"{1000 * seconds:.1f} ms/iteration, {cfg.batch_size / seconds:.1f} img/s, {memory} ({cfg.bench} iterations; "
-          f"{losses})", flush=True)
+    nets_described = (
+        "AVAE-S Table I nets"
+        if cfg.arch == "avae"
+        else f"channels {','.join(map(str, cfg.channels))}"
+    )
+    print(
+        f"bench {cfg.dataset} "
+        f"{cfg.model}{'/' + cfg.variant if cfg.model == 'asintrovae' else ''}: batch "
+        f"{cfg.batch_size}, {'x'.join(map(str, shape))}, z {cfg.z_dim}, {nets_described}, "
+        f"{'bf16' if cfg.bf16 and device.type == 'cuda' else 'fp32'}, {describe_device(device)}: "
+        f"{1000 * seconds:.1f} ms/iteration, {cfg.batch_size / seconds:.1f} img/s, {memory} "
+        f"({cfg.bench} iterations; "
+        f"{losses})",
+        flush=True,
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # main
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def one_line(error):
-    """The message of an error as one line (an error re-raised from a DataLoader worker carries a traceback)."""
+    """An error's message as one line (one re-raised from a DataLoader worker has a traceback)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__

@@ -24,7 +24,10 @@ from helpers import pattern_images
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WEIGHTS = dict(beta_rec=1.3, beta_kl=0.7, beta_neg=0.9, gamma_r=0.3, margin=10.0)
-C, S = 0.4, 1.0 / 192  # 0 < c < 1 so that both the KL and the AS-Distance count; s = 1 / (3 * 8 * 8)
+C, S = (
+    0.4,
+    1.0 / 192,
+)  # 0 < c < 1 so that both the KL and the AS-Distance count; s = 1 / (3 * 8 * 8)
 GRAD_RTOL = 1e-4  # float32 networks; any rescaling or missing term is far above it
 
 
@@ -33,8 +36,15 @@ def no_amp():
 
 
 def tiny(model, variant="paper", size=8, **extra):
-    cfg = asv.Config(model=model, variant=variant, channels=(4, 8), image_size=size, z_dim=3,
-                     batch_size=4, **{**WEIGHTS, **extra})
+    cfg = asv.Config(
+        model=model,
+        variant=variant,
+        channels=(4, 8),
+        image_size=size,
+        z_dim=3,
+        batch_size=4,
+        **{**WEIGHTS, **extra},
+    )
     torch.manual_seed(0)
     nets, opts = asv.make_state(cfg, 3, torch.device("cpu"))
     x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -42,9 +52,9 @@ def tiny(model, variant="paper", size=8, **extra):
     return cfg, nets, opts, x, eps
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the reference: the equations written out again, independently of as_introvae's loss functions
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def ref_sse(a, b):  # (B, ...) -> (B,)
     return ((a - b) ** 2).reshape(a.shape[0], -1).sum(1)
 
@@ -66,12 +76,19 @@ def ref_as_distance(mu_a, logvar_a, mu_b, logvar_b, reduce):
         var = logvar_1.exp()[:, None, :] + logvar_2.exp()[None, :, :]  # (B, B, D)
         diff = mu_1[:, None, :] - mu_2[None, :, :]
         if reduce == "paper":
-            return (torch.exp(-(diff**2) / (2 * var)) / torch.sqrt(2 * math.pi * var)).mean((0, 1)).sum()
+            return (
+                (torch.exp(-(diff**2) / (2 * var)) / torch.sqrt(2 * math.pi * var))
+                .mean((0, 1))
+                .sum()
+            )
         kernel = torch.exp(-(diff**2) / (2 * var)) / torch.sqrt(var)
         return kernel.sum() if reduce == "sum" else kernel.mean()
 
-    return (term(mu_a, logvar_a, mu_a, logvar_a) + term(mu_b, logvar_b, mu_b, logvar_b)
-            - 2 * term(mu_a, logvar_a, mu_b, logvar_b))
+    return (
+        term(mu_a, logvar_a, mu_a, logvar_a)
+        + term(mu_b, logvar_b, mu_b, logvar_b)
+        - 2 * term(mu_a, logvar_a, mu_b, logvar_b)
+    )
 
 
 def grads(loss, module):
@@ -83,12 +100,17 @@ def assert_grads(module, expected, what):
     for (name, param), want in zip(module.named_parameters(), expected):
         assert param.grad is not None, f"{what}: no gradient for {name}"
         scale = want.abs().max().item()
-        torch.testing.assert_close(param.grad, want, rtol=GRAD_RTOL, atol=GRAD_RTOL * scale + 1e-12,
-                                   msg=lambda m: f"{what} {name}: {m}")
+        torch.testing.assert_close(
+            param.grad,
+            want,
+            rtol=GRAD_RTOL,
+            atol=GRAD_RTOL * scale + 1e-12,
+            msg=lambda m: f"{what} {name}: {m}",
+        )
 
 
 def ref_soft_encoder(encoder, decoder, x, eps, c, variant, use_as):
-    """Soft-IntroVAE / AS-IntroVAE encoder loss and its logged exp-terms (Eq. 9, Soft-IntroVAE Eq. 4)."""
+    """Soft-IntroVAE / AS-IntroVAE encoder loss and its exp-terms (Eq. 9, Soft-IntroVAE Eq. 4)."""
     w = WEIGHTS
     fake = decoder(eps)
     mu, logvar = encoder(x)
@@ -101,7 +123,9 @@ def ref_soft_encoder(encoder, decoder, x, eps, c, variant, use_as):
     kl_r, kl_f = ref_kl(mu_r, logvar_r), ref_kl(mu_f, logvar_f)
     if use_as:
         if variant == "official":
-            dist = ref_as_distance(mu_r.tanh(), logvar_r.tanh(), mu_f.tanh(), logvar_f.tanh(), "sum")
+            dist = ref_as_distance(
+                mu_r.tanh(), logvar_r.tanh(), mu_f.tanh(), logvar_f.tanh(), "sum"
+            )
         else:
             dist = ref_as_distance(mu_r, logvar_r, mu_f, logvar_f, "paper")
         kl_r, kl_f = c * kl_r + (1 - c) * dist, c * kl_f + (1 - c) * dist
@@ -123,14 +147,19 @@ def ref_soft_decoder(encoder, decoder, x, z, eps, c, variant, use_as):
     rec_rec, rec_fake = decoder(z_r.detach()), decoder(z_f.detach())
     if variant == "official":
         mu_r, logvar_r, mu_f, logvar_f = (v.tanh() for v in (mu_r, logvar_r, mu_f, logvar_f))
-    adversarial = 0.5 * w["beta_kl"] * (ref_kl(mu_r, logvar_r).mean() + ref_kl(mu_f, logvar_f).mean())
+    adversarial = (
+        0.5 * w["beta_kl"] * (ref_kl(mu_r, logvar_r).mean() + ref_kl(mu_f, logvar_f).mean())
+    )
     if use_as:
         reduce, count = ("mean", 1.0) if variant == "official" else ("paper", 2.0)
         dist = ref_as_distance(mu_r, logvar_r, mu_f, logvar_f, reduce)
         adversarial = c * adversarial + 0.5 * w["beta_kl"] * count * (1 - c) * dist
     rerec = ref_sse(rec.detach(), rec_rec).mean() + ref_sse(fake.detach(), rec_fake).mean()
-    return S * (w["beta_rec"] * ref_sse(x, rec).mean() + adversarial
-                + 0.5 * w["gamma_r"] * w["beta_rec"] * rerec)
+    return S * (
+        w["beta_rec"] * ref_sse(x, rec).mean()
+        + adversarial
+        + 0.5 * w["gamma_r"] * w["beta_rec"] * rerec
+    )
 
 
 def ref_intro_encoder(encoder, decoder, x, eps):
@@ -143,7 +172,8 @@ def ref_intro_encoder(encoder, decoder, x, eps):
     kl_fake = ref_kl(*encoder(fake.detach())).mean()
     hinges = F.relu(w["margin"] - kl_rec) + F.relu(w["margin"] - kl_fake)
     loss = w["beta_rec"] * ref_sse(x, rec).mean() + w["beta_kl"] * (
-        ref_kl(mu, logvar).mean() + 0.5 * w["beta_neg"] * hinges)
+        ref_kl(mu, logvar).mean() + 0.5 * w["beta_neg"] * hinges
+    )
     return loss, z
 
 
@@ -154,9 +184,9 @@ def ref_intro_decoder(encoder, decoder, x, z, eps):
     return w["beta_rec"] * ref_sse(x, rec).mean() + 0.5 * w["beta_kl"] * kls
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # calls of the steps under test (the only place that knows their signatures)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def encoder_step(model, variant, nets, opts, x, eps, cfg, c, s):
     args = (nets["encoder"], nets["decoder"], opts["encoder"], x, eps)
     betas = dict(beta_rec=cfg.beta_rec, beta_kl=cfg.beta_kl, beta_neg=cfg.beta_neg, amp=no_amp)
@@ -172,23 +202,30 @@ def decoder_step(model, variant, nets, opts, x, z, eps, cfg, c, s):
     if model == "introvae":
         return asv.intro_decoder_step(*args, **betas)
     variant, c = (variant, c) if model == "asintrovae" else (None, 1.0)
-    return asv.soft_intro_decoder_step(*args, c=c, s=s, gamma_r=cfg.gamma_r, variant=variant, **betas)
+    return asv.soft_intro_decoder_step(
+        *args, c=c, s=s, gamma_r=cfg.gamma_r, variant=variant, **betas
+    )
 
 
 def vae_step(nets, opts, x, cfg, vae_s_state=None):
-    return asv.train_step("vae" if vae_s_state is None else "vae-s", nets, opts, x, cfg, C, S, no_amp,
-                          vae_s_state)
+    return asv.train_step(
+        "vae" if vae_s_state is None else "vae-s", nets, opts, x, cfg, C, S, no_amp, vae_s_state
+    )
 
 
 def adversarial_step(nets, opts, x, cfg, vae_s_state=None):
     return asv.train_step(cfg.model, nets, opts, x, cfg, C, S, no_amp, vae_s_state)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the introspective steps: loss and every gradient, encoder step then decoder step
-# ---------------------------------------------------------------------------------------------------
-METHODS = [("asintrovae", "paper"), ("asintrovae", "official"), ("sintrovae", "paper"),
-           ("introvae", "paper")]
+# --------------------------------------------------------------------------------------------------
+METHODS = [
+    ("asintrovae", "paper"),
+    ("asintrovae", "official"),
+    ("sintrovae", "paper"),
+    ("introvae", "paper"),
+]
 
 
 @pytest.mark.parametrize("model, variant", METHODS)
@@ -201,8 +238,9 @@ def test_encoder_step_loss_and_gradients_match_the_equations(model, variant):
     if model == "introvae":
         loss, z_ref = ref_intro_encoder(twin["encoder"], twin["decoder"], x, eps)
     else:
-        loss, z_ref, exp_r, exp_f = ref_soft_encoder(twin["encoder"], twin["decoder"], x, eps, C,
-                                                    variant, use_as=model == "asintrovae")
+        loss, z_ref, exp_r, exp_f = ref_soft_encoder(
+            twin["encoder"], twin["decoder"], x, eps, C, variant, use_as=model == "asintrovae"
+        )
         # the exp-terms really weigh in (not vanished, not saturated) and are what is logged
         assert 1e-3 < exp_r.item() < 0.999 and 1e-3 < exp_f.item() < 0.999
         assert stats["exp_elbo_rec"].item() == pytest.approx(exp_r.item(), rel=1e-5)
@@ -228,8 +266,16 @@ def test_decoder_step_loss_and_gradients_match_the_equations(model, variant):
     if model == "introvae":
         loss = ref_intro_decoder(twin["encoder"], twin["decoder"], x, z.detach(), eps)
     else:
-        loss = ref_soft_decoder(twin["encoder"], twin["decoder"], x, z.detach(), eps, C, variant,
-                                use_as=model == "asintrovae")
+        loss = ref_soft_decoder(
+            twin["encoder"],
+            twin["decoder"],
+            x,
+            z.detach(),
+            eps,
+            C,
+            variant,
+            use_as=model == "asintrovae",
+        )
     assert stats["loss_d"].item() == pytest.approx(loss.item(), rel=1e-6)
     assert_grads(nets["decoder"], grads(loss, twin["decoder"]), "decoder")
     for param, before in zip(nets["encoder"].parameters(), encoder_grads):
@@ -247,9 +293,20 @@ def test_sintrovae_is_asintrovae_at_c_1_whatever_the_schedule_says():
     assert losses["asintrovae", 1.0] == pytest.approx(losses["sintrovae", 0.2], rel=1e-6)
     cfg, nets, opts, x, eps = tiny("sintrovae")
     with pytest.raises(ValueError, match="c = 1"):
-        asv.soft_intro_encoder_step(nets["encoder"], nets["decoder"], opts["encoder"], x, eps, c=0.5,
-                                    s=S, beta_rec=1.0, beta_kl=1.0, beta_neg=1.0, variant=None,
-                                    amp=no_amp)
+        asv.soft_intro_encoder_step(
+            nets["encoder"],
+            nets["decoder"],
+            opts["encoder"],
+            x,
+            eps,
+            c=0.5,
+            s=S,
+            beta_rec=1.0,
+            beta_kl=1.0,
+            beta_neg=1.0,
+            variant=None,
+            amp=no_amp,
+        )
 
 
 def test_vae_step_loss_and_gradients_match_the_equations():
@@ -266,9 +323,9 @@ def test_vae_step_loss_and_gradients_match_the_equations():
         assert_grads(nets[name], grads(loss, twin[name]), name)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # AVAE-S: VAE-S's loss (AVAE-S Eq. 11), the adversarial step of AVAE / AVAE-S (Algorithm 1)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 FROZEN_LAMBDAS = {"mae": 0.3, "mse": 1.0, "1-ssim": 40.0, "sobel": 0.2, "gabor": 2.5}
 
 
@@ -280,7 +337,9 @@ def ref_vae_s_loss(encoder, decoder, x, lambdas, beta_tc, dataset_size):
     terms = asv.reconstruction_terms(x, rec, asv.gabor_kernels())
     rec_loss = sum(lambdas[name] * terms[name] for name in terms)
     tc = asv.total_correlation(z, mu, logvar, dataset_size, "mss")
-    return (WEIGHTS["beta_rec"] * rec_loss + WEIGHTS["beta_kl"] * ref_kl(mu, logvar)).mean() + beta_tc * tc, rec
+    return (
+        WEIGHTS["beta_rec"] * rec_loss + WEIGHTS["beta_kl"] * ref_kl(mu, logvar)
+    ).mean() + beta_tc * tc, rec
 
 
 @pytest.mark.parametrize("probing", [True, False])
@@ -304,8 +363,17 @@ def test_vae_s_step_loss_and_gradients_match_the_equations(probing):
 def test_adversarial_step_loss_and_gradients_match_the_equations(model):
     """Both gates open (thresholds outside [0, 1]): the discriminator steps on its BCE, then the VAE
     on L_VAE + beta_adv log(1 - Dis(rec)) under the discriminator as updated."""
-    cfg, nets, opts, x, _ = tiny(model, size=20, beta_tc=1.7, beta_adv=2.3, disc_train_below=1.01,
-                                 adv_use_above=-0.01, pretrain_epochs=0, adv_epochs=1, epochs=1)
+    cfg, nets, opts, x, _ = tiny(
+        model,
+        size=20,
+        beta_tc=1.7,
+        beta_adv=2.3,
+        disc_train_below=1.01,
+        adv_use_above=-0.01,
+        pretrain_epochs=0,
+        adv_epochs=1,
+        epochs=1,
+    )
     state = None
     if model == "avae-s":
         state = asv.new_vae_s_state(100, 2, torch.device("cpu"))
@@ -317,9 +385,13 @@ def test_adversarial_step_loss_and_gradients_match_the_equations(model):
     if model == "avae":
         mu, logvar = twin["encoder"](x)
         rec = twin["decoder"](ref_sample(mu, logvar))
-        loss_vae = (WEIGHTS["beta_rec"] * ref_sse(x, rec) + WEIGHTS["beta_kl"] * ref_kl(mu, logvar)).mean()
+        loss_vae = (
+            WEIGHTS["beta_rec"] * ref_sse(x, rec) + WEIGHTS["beta_kl"] * ref_kl(mu, logvar)
+        ).mean()
     else:
-        loss_vae, rec = ref_vae_s_loss(twin["encoder"], twin["decoder"], x, FROZEN_LAMBDAS, 1.7, 100)
+        loss_vae, rec = ref_vae_s_loss(
+            twin["encoder"], twin["decoder"], x, FROZEN_LAMBDAS, 1.7, 100
+        )
     logits = twin["disc"](torch.cat([x, rec.detach()]))
     loss_dis = (F.softplus(-logits[:4]) + F.softplus(logits[4:])).mean()
     disc_grads = grads(loss_dis, twin["disc"])
@@ -337,11 +409,11 @@ def test_adversarial_step_loss_and_gradients_match_the_equations(model):
         assert_grads(nets[name], grads(loss, twin[name]), name)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # what train() hands the steps: s = 1 / (C H W), c = annealing_coefficient(t, T), the warm-up
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def spy_on_steps(monkeypatch):
-    """Record (step name, c, s) of every step train() takes (None where the step takes no c or s)."""
+    """Record (step name, c, s) of every step train() takes (None: the step takes no c or s)."""
     calls = []
     for name in ("vae_step", "soft_intro_step"):
         step = getattr(asv, name)
@@ -359,10 +431,34 @@ def test_train_hands_s_c_and_the_warm_up_to_the_steps(tmp_path, monkeypatch, var
     np.savez(tmp_path / "train.npz", images=pattern_images(20, 0))  # 3 x 16 x 16, 3 batches of <= 8
     calls = spy_on_steps(monkeypatch)
     out = tmp_path / "run"
-    flags = ["--dataset", "npz", "--data-root", str(tmp_path / "train.npz"), "--channels", "8,16",
-             "--z-dim", "4", "--batch-size", "8", "--epochs", "3", "--num-vae", "1", "--variant", variant,
-             "--log-every", "1", "--fid-samples", "0", "--eval-images", "8", "--num-workers", "0",
-             "--out", str(out)]
+    flags = [
+        "--dataset",
+        "npz",
+        "--data-root",
+        str(tmp_path / "train.npz"),
+        "--channels",
+        "8,16",
+        "--z-dim",
+        "4",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "3",
+        "--num-vae",
+        "1",
+        "--variant",
+        variant,
+        "--log-every",
+        "1",
+        "--fid-samples",
+        "0",
+        "--eval-images",
+        "8",
+        "--num-workers",
+        "0",
+        "--out",
+        str(out),
+    ]
     assert asv.main(flags) == 0
     s = 1.0 / (3 * 16 * 16)
     assert json.loads((out / "config.json").read_text())["derived"]["s"] == s
