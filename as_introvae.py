@@ -58,21 +58,9 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw
 
-from eval_metrics import (
-    MetricInputError,
-    Progress,
-    frechet_distance,
-    list_images,
-    load_inception,
-    mse,
-    parse_bool,
-    psnr,
-    sharpness,
-    ssim,
-    ssim_torch,
-    stats_from_batches,
-    stats_from_generator,
-)
+from eval_metrics import (MetricInputError, Progress, frechet_distance, list_images, load_inception,
+                          mse, parse_bool, psnr, sharpness, ssim, ssim_torch, stats_from_batches,
+                          stats_from_generator)
 
 
 class ConfigError(ValueError):
@@ -213,18 +201,8 @@ class Config:
 
 
 CHOICES = {
-    "dataset": (
-        "mnist",
-        "fmnist",
-        "cifar10",
-        "svhn",
-        "celeba96",
-        "celeba128",
-        "celeba256",
-        "oxford",
-        "folder",
-        "npz",
-    ),
+    "dataset": ("mnist", "fmnist", "cifar10", "svhn", "celeba96", "celeba128", "celeba256",
+                "oxford", "folder", "npz"),
     "model": ("asintrovae", "sintrovae", "introvae", "vae", "vae-s", "avae", "avae-s"),
     "variant": ("paper", "official"),
     "arch": ("resnet", "avae"),
@@ -236,113 +214,40 @@ CHOICES = {
 
 # The released AS-IntroVAE run script's settings, one row per dataset; a flag overrides a value.
 PRESETS = {
-    "mnist": dict(
-        image_size=28,
-        channels=(64, 128),
-        z_dim=32,
-        batch_size=128,
-        epochs=100,
-        beta_kl=1.0,
-        beta_rec=1.0,
-        beta_neg=256.0,
-        margin=10.0,
-    ),
-    "cifar10": dict(
-        image_size=32,
-        channels=(64, 128, 256),
-        z_dim=128,
-        batch_size=64,
-        epochs=150,
-        beta_kl=1.0,
-        beta_rec=1.0,
-        beta_neg=256.0,
-        margin=10.0,
-    ),
-    "celeba128": dict(
-        image_size=128,
-        channels=(64, 128, 256, 512, 512),
-        z_dim=256,
-        batch_size=32,
-        epochs=150,
-        beta_kl=0.5,
-        beta_rec=1.0,
-        beta_neg=256.0,
-        margin=100.0,
-        hflip=True,
-    ),
-    "celeba256": dict(
-        image_size=256,
-        channels=(64, 128, 256, 512, 512, 512),
-        z_dim=256,
-        batch_size=32,
-        epochs=150,
-        beta_kl=0.5,
-        beta_rec=1.0,
-        beta_neg=1024.0,
-        margin=120.0,
-        hflip=True,
-    ),
+    "mnist": dict(image_size=28, channels=(64, 128), z_dim=32, batch_size=128, epochs=100,
+                  beta_kl=1.0, beta_rec=1.0, beta_neg=256.0, margin=10.0),
+    "cifar10": dict(image_size=32, channels=(64, 128, 256), z_dim=128, batch_size=64, epochs=150,
+                    beta_kl=1.0, beta_rec=1.0, beta_neg=256.0, margin=10.0),
+    "celeba128": dict(image_size=128, channels=(64, 128, 256, 512, 512), z_dim=256, batch_size=32,
+                      epochs=150, beta_kl=0.5, beta_rec=1.0, beta_neg=256.0, margin=100.0,
+                      hflip=True),
+    "celeba256": dict(image_size=256, channels=(64, 128, 256, 512, 512, 512), z_dim=256,
+                      batch_size=32, epochs=150, beta_kl=0.5, beta_rec=1.0, beta_neg=1024.0,
+                      margin=120.0, hflip=True),
 }
 PRESETS["fmnist"] = PRESETS["mnist"]
 PRESETS["svhn"] = PRESETS["cifar10"]
 PRESETS["oxford"] = {**PRESETS["celeba128"], "z_dim": 128, "beta_kl": 1.0}
 # AVAE-S Sec. III: 96 x 96 CelebA, AVAE-S Table I's network, latent 32, 100 epochs of pre-training;
-# batch size and augmentation are not given (none here). channels are for --arch resnet
-# (one stage per halving of 96).
-PRESETS["celeba96"] = {
-    **PRESETS["celeba128"],
-    "image_size": 96,
-    "channels": (64, 128, 256, 512, 512),
-    "z_dim": 32,
-    "beta_kl": 1.0,
-    "hflip": False,
-    "arch": "avae",
-    "pretrain_epochs": 100,
-}
-SHARP_MODELS = (
-    "vae-s",
-    "avae-s",
-)  # AVAE-S Eq. 5's reconstruction loss and Eq. 10's total correlation
-ADVERSARIAL_MODELS = (
-    "avae",
-    "avae-s",
-)  # pre-training, then AVAE-S Algorithm 1's adversarial fine-tuning
-TABLE_I_WIDTHS = (
-    24,
-    48,
-    96,
-    192,
-)  # AVAE-S Table I's conv widths (--arch avae); each halves the image side
-SIZE_PRESET = {
-    28: "mnist",
-    32: "cifar10",
-    128: "celeba128",
-    256: "celeba256",
-}  # folder / npz: the row of that size
-MODEL_PRESETS = {
-    "introvae": dict(beta_rec=0.05, beta_kl=1.0, beta_neg=0.5)
-}  # IntroVAE as the AS paper ran it
+# batch size and augmentation are not given (none here). channels are for --arch resnet (one stage
+# per halving of 96).
+PRESETS["celeba96"] = {**PRESETS["celeba128"], "image_size": 96,
+                       "channels": (64, 128, 256, 512, 512), "z_dim": 32, "beta_kl": 1.0,
+                       "hflip": False, "arch": "avae", "pretrain_epochs": 100}
+# AVAE-S Eq. 5's reconstruction loss and AVAE-S Eq. 10's total correlation:
+SHARP_MODELS = ("vae-s", "avae-s")
+# pre-training, then AVAE-S Algorithm 1's adversarial fine-tuning:
+ADVERSARIAL_MODELS = ("avae", "avae-s")
+TABLE_I_WIDTHS = (24, 48, 96, 192)  # AVAE-S Table I's conv widths; each halves the image side
+SIZE_PRESET = {28: "mnist", 32: "cifar10", 128: "celeba128", 256: "celeba256"}  # folder, npz
+# IntroVAE's weights as the AS-IntroVAE paper ran it:
+MODEL_PRESETS = {"introvae": dict(beta_rec=0.05, beta_kl=1.0, beta_neg=0.5)}
 TORCHVISION_SETS = ("mnist", "fmnist", "cifar10", "svhn")
 IMAGE_CHANNELS = {"mnist": 1, "fmnist": 1}  # everything else is RGB (npz: from the array)
 # Flags that steer a run or its evaluation, not what is trained: they may change on resume, --eval.
-RUN_FLAGS = {
-    "data_root",
-    "test_root",
-    "out",
-    "max_iters",
-    "log_every",
-    "img_every",
-    "ckpt_every",
-    "num_workers",
-    "device",
-    "bf16",
-    "eval",
-    "eval_images",
-    "fid_samples",
-    "fid_weights",
-    "bn_mode",
-    "bench",
-}
+RUN_FLAGS = {"data_root", "test_root", "out", "max_iters", "log_every", "img_every", "ckpt_every",
+             "num_workers", "device", "bf16", "eval", "eval_images", "fid_samples", "fid_weights",
+             "bn_mode", "bench"}
 
 
 def parse_channels(text):
@@ -423,27 +328,10 @@ def make_config(given):
 
 
 def validate(cfg):
-    positive = (
-        "image_size",
-        "z_dim",
-        "batch_size",
-        "epochs",
-        "log_every",
-        "img_every",
-        "ckpt_every",
-    )
-    non_negative = (
-        "max_iters",
-        "num_vae",
-        "seed",
-        "num_workers",
-        "eval_images",
-        "fid_samples",
-        "bench",
-        "pretrain_epochs",
-        "adv_epochs",
-        "lambda_batches",
-    )
+    positive = ("image_size", "z_dim", "batch_size", "epochs", "log_every", "img_every",
+                "ckpt_every")
+    non_negative = ("max_iters", "num_vae", "seed", "num_workers", "eval_images", "fid_samples",
+                    "bench", "pretrain_epochs", "adv_epochs", "lambda_batches")
     if cfg.model in ADVERSARIAL_MODELS and cfg.pretrain_epochs + cfg.adv_epochs < 1:
         raise ConfigError("avae / avae-s need --pretrain-epochs + --adv-epochs >= 1")
     for name in positive:
@@ -501,9 +389,9 @@ def run_name(cfg):
 
 
 def check_batch_sizes(cfg, train_images, eval_images):
-    """With drop_last=False an epoch (or the evaluation) can end on a single image, which AVAE-S
-    Eq. 10's minibatch estimator and AVAE-S Table I's BatchNorm1d layers cannot take: refuse
-    before anything runs."""
+    """With drop_last=False an epoch (or the evaluation) can end on a single image, which the
+    minibatch estimator of AVAE-S Eq. 10 and AVAE-S Table I's BatchNorm1d layers cannot take:
+    refuse before anything runs."""
     if not (cfg.model in SHARP_MODELS or cfg.arch == "avae"):
         return
     for what, count, flag in (
@@ -1262,13 +1150,7 @@ def soft_intro_step(encoder, decoder, opt_encoder, opt_decoder, x, eps, *, c, s,
 # Reconstruction terms are PER SAMPLE (B,), summed over pixels / maps like sse(); the total
 # correlation is a property of the batch (a scalar).
 # --------------------------------------------------------------------------------------------------
-REC_TERMS = (
-    "mae",
-    "mse",
-    "1-ssim",
-    "sobel",
-    "gabor",
-)  # the five terms of AVAE-S Eq. 5, in the paper's order
+REC_TERMS = ("mae", "mse", "1-ssim", "sobel", "gabor")  # AVAE-S Eq. 5's five terms, in its order
 
 
 def loss_mae(x, rec):
@@ -1761,9 +1643,9 @@ def set_rng_state(state):
 
 
 def avae_s_record(cfg, epoch, vae_s_state):
-    """The AVAE-S part of a checkpoint (or None): the phase the run continues in, and Eq. 5's
-    lambda probe (sums, count, frozen lambdas), so a resumed run neither probes again nor loses a
-    probe in progress."""
+    """The AVAE-S part of a checkpoint (or None): the phase the run continues in, and the lambda
+    probe of AVAE-S Eq. 5 (sums, count, frozen lambdas), so a resumed run neither probes again nor
+    loses a probe in progress."""
     if cfg.model not in SHARP_MODELS + ADVERSARIAL_MODELS:
         return None
     record = {"phase": phase_name(cfg, epoch)}
@@ -1965,27 +1847,10 @@ def plot_curves(records, path, keys):
     image.save(path)
 
 
-CURVE_KEYS = (
-    "loss_e",
-    "loss_d",
-    "loss",
-    "rec",
-    "kl_real",
-    "kl_rec",
-    "kl_fake",
-    "kl_diff",
-    "exp_elbo_rec",
-    "exp_elbo_fake",
-    "as_dist",
-    "c",
-    "tc",
-    *(f"term_{name}" for name in REC_TERMS),
-    "loss_dis",
-    "loss_adv",
-    "disc_acc",
-    "train_disc",
-    "use_adv",
-)
+CURVE_KEYS = ("loss_e", "loss_d", "loss", "rec", "kl_real", "kl_rec", "kl_fake", "kl_diff",
+              "exp_elbo_rec", "exp_elbo_fake", "as_dist", "c", "tc",
+              *(f"term_{name}" for name in REC_TERMS), "loss_dis", "loss_adv", "disc_acc",
+              "train_disc", "use_adv")
 
 
 def read_log(path, max_step):
@@ -2075,25 +1940,9 @@ def start_or_resume(cfg):
     write_json(
         os.path.join(out_dir, "config.json"), {**dataclasses.asdict(cfg), "derived": derived}
     )
-    return Run(
-        out_dir,
-        ckpt_path,
-        device,
-        amp,
-        train_set,
-        test_set,
-        split,
-        s,
-        iters_per_epoch,
-        total_iters,
-        stop,
-        schedule,
-        nets,
-        opts,
-        vae_s_state,
-        step,
-        resumed=state is not None,
-    )
+    return Run(out_dir, ckpt_path, device, amp, train_set, test_set, split, s, iters_per_epoch,
+               total_iters, stop, schedule, nets, opts, vae_s_state, step,
+               resumed=state is not None)
 
 
 def flip_at_random(x, enabled):
@@ -2352,12 +2201,8 @@ def save_pictures(encoder, decoder, sample, first, z_dim, device, amp, out_dir):
     return pictures
 
 
-FID_DEPTHS = (
-    64,
-    192,
-    768,
-    2048,
-)  # pytorch-fid's blocks 0-3: first max pool, second max pool, pre-aux, pool3
+# pytorch-fid's blocks 0-3: first max pool, second max pool, pre-aux classifier, pool3
+FID_DEPTHS = (64, 192, 768, 2048)
 FID_NOTE = (
     "FID at pytorch-fid's four Inception depths (64: first max pool, 192: second max pool, 768: "
     "pre-aux "
