@@ -269,7 +269,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser():
     """One --flag per Config field; only the flags actually given end up in the namespace."""
-    parser = OneLineParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
+    summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph
+    parser = OneLineParser(description=summary, argument_default=argparse.SUPPRESS,
                            allow_abbrev=False)
     parse = {int: int, float: float, str: str, bool: parse_bool, tuple: parse_channels}
     for f in dataclasses.fields(Config):
