@@ -1353,7 +1353,7 @@ def total_correlation(z, mu, logvar, dataset_size, estimator="mss"):
     return (log_q_joint - log_q_marginals.sum(dim=1)).mean()
 
 
-def vae_s_loss(rec_loss, kl, tc, beta_rec, beta_kl, beta_tc):
+def vae_s_loss(rec_loss, kl, tc, *, beta_rec, beta_kl, beta_tc):
     """L_VAE of AVAE-S Eq. 11 (VAE-S): mean_i (beta_rec L_REC_i + beta_kl KL_i) + beta_tc TC,
     with L_REC of AVAE-S Eq. 5 (B,), KL of AVAE-S Eq. 4 (B,) and the batch's TC of AVAE-S Eq. 10
     (a scalar); the paper's weights are all 1."""
@@ -1452,7 +1452,7 @@ def vae_s_objective(encoder, decoder, x, vae_s_state, *, beta_rec, beta_kl, beta
     terms = reconstruction_terms(x, rec, vae_s_state["kernels"])  # 5 x (B,)
     rec_loss = loss_rec(terms, probe_rec_weights(vae_s_state, terms))  # (B,)
     tc = total_correlation(z, mu, logvar, vae_s_state["dataset_size"], tc_estimator)
-    loss = vae_s_loss(rec_loss, kl_real, tc, beta_rec, beta_kl, beta_tc)
+    loss = vae_s_loss(rec_loss, kl_real, tc, beta_rec=beta_rec, beta_kl=beta_kl, beta_tc=beta_tc)
     return loss, rec, {"rec": rec_loss.mean(), "kl_real": kl_real.mean(), "tc": tc,
                        **{f"term_{name}": term.mean() for name, term in terms.items()}}
 

@@ -235,7 +235,8 @@ def test_total_correlation_gradient_and_bad_input():
 
 def test_vae_s_loss():
     # mean(2 * (1, 3) + 0.5 * (2, 4)) + 3 * 0.25 = mean(3, 8) + 0.75
-    loss = asv.vae_s_loss(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 4.0]), torch.tensor(0.25), 2.0, 0.5, 3.0)
+    loss = asv.vae_s_loss(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 4.0]), torch.tensor(0.25), beta_rec=2.0,
+                          beta_kl=0.5, beta_tc=3.0)
     assert loss.item() == pytest.approx(6.25)
 
 
