@@ -29,8 +29,8 @@ Glossary: paper symbol, Config field (flag), default (a dataset's preset row may
               in the decoder loss
     s         scale of every ELBO in Eq. 9             derived: 1 / (C H W)            1/3072 CIFAR
     beta_rec  weight of the reconstruction error       beta_rec (--beta-rec)           1.0
-    beta_kl   weight of the real data's KL and of the  beta_kl (--beta-kl)             1.0 (0.5 at
-              decoder's adversarial KL                                                 128, 256 px)
+    beta_kl   weight of the real data's KL and of the  beta_kl (--beta-kl)             1.0 (0.5 for
+              decoder's adversarial KL                                                 CelebA)
     beta_neg  weight of the KL inside the exponent     beta_neg (--beta-neg)           256 (1024 at
               (IntroVAE: of the hinges)                                                256 px)
     c         Eq. 9's annealing coefficient            derived: min(5 t / T, 1)        0 at t = 0
