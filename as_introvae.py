@@ -23,8 +23,8 @@ default path departs from its paper, and why.
 
 Glossary: paper symbol, Config field (flag), default (a dataset's preset row may override it).
     alpha     factor in the exponent of Eq. 9          as_intro_encoder_loss(alpha)    2
-    gamma     weight of the generated samples' ELBO    fixed                           1
-              in the decoder loss (Soft-IntroVAE)
+    gamma     weight of the ELBO of the reconstructed  fixed                           1
+              and generated samples in L_D (Eq. 4, 9)
     gamma_r   weight of the re-reconstruction error    gamma_r (--gamma-r)             1e-8
               in the decoder loss
     s         scale of every ELBO in Eq. 9             derived: 1 / (C H W)            1/3072 CIFAR
