@@ -1147,7 +1147,8 @@ def soft_intro_step(encoder, decoder, opt_encoder, opt_decoder, x, eps, *, c, s,
 
 
 # --------------------------------------------------------------------------------------------------
-# AVAE-S (Naderi, Haji Soleimani, Matwin, "Adversarial Sharpened VAE"): VAE-S, AVAE, AVAE-S.
+# AVAE-S (Naderi, Haji Soleimani, Matwin, "Generating High-Fidelity Images with Disentangled
+# Adversarial VAEs and Structure-Aware Loss"): VAE-S, AVAE, AVAE-S.
 # Reconstruction terms are PER SAMPLE (B,), summed over pixels / maps like sse(); the total
 # correlation is a property of the batch (a scalar).
 # --------------------------------------------------------------------------------------------------
