@@ -1955,18 +1955,38 @@ def flip_at_random(x, enabled):
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def check_finite(stats, step, ckpt_path):
-    losses = {name: value for name, value in stats.items() if name.startswith("loss")}
-    if torch.isfinite(torch.stack(list(losses.values()))).all():
-        return
-    last = load_checkpoint(ckpt_path)["step"] if os.path.exists(ckpt_path) else None
-    values = ", ".join(f"{name} {value.item():.4g}" for name, value in losses.items())
-    where = (
-        f"last good checkpoint: {ckpt_path} (step {last})"
-        if last is not None
-        else "no checkpoint yet"
-    )
-    raise TrainingDiverged(f"non-finite loss at step {step + 1} ({values}); {where}")
+class FiniteWatch:
+    """The first step with a non-finite loss, watched on the device: add() records it without a
+    host sync (one sync per iteration would stall the GPU's queue), raise_if_diverged() reads it
+    back, at each log record, before each checkpoint and at the end, so a checkpoint never holds
+    diverged weights and the error still names the exact first bad step."""
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # step, -1: none
+        self.losses_then = None  # (number of losses,) at the first bad step
+        self.names = None
+
+    def add(self, stats, step):
+        """stats: train_step's dict of the 0-d values of step `step` (counted from 1)."""
+        self.names = [name for name in stats if name.startswith("loss")]
+        losses = torch.stack([stats[name].float() for name in self.names])  # (number of losses,)
+        first_here = (self.first_bad < 0) & ~torch.isfinite(losses).all()
+        self.first_bad = torch.where(first_here, step, self.first_bad)
+        if self.losses_then is None or self.losses_then.shape != losses.shape:
+            self.losses_then = torch.zeros_like(losses)
+        self.losses_then = torch.where(first_here, losses, self.losses_then)
+
+    def raise_if_diverged(self, ckpt_path):
+        """TrainingDiverged naming the first bad step, its losses and the last good checkpoint."""
+        first_bad = int(self.first_bad)  # the host sync
+        if first_bad < 0:
+            return
+        last = load_checkpoint(ckpt_path)["step"] if os.path.exists(ckpt_path) else None
+        values = ", ".join(f"{name} {value:.4g}"
+                           for name, value in zip(self.names, self.losses_then.tolist()))
+        where = (f"last good checkpoint: {ckpt_path} (step {last})" if last is not None
+                 else "no checkpoint yet")
+        raise TrainingDiverged(f"non-finite loss at step {first_bad} ({values}); {where}")
 
 
 class TrainingLog:
@@ -2038,6 +2058,7 @@ def train(cfg):
     run = start_or_resume(cfg)
     nets, opts, step = run.nets, run.opts, run.step
     log = TrainingLog(cfg, run.out_dir, step, run.stop)
+    watch = FiniteWatch(run.device)
     # the grids' fixed inputs; their noise has its own generator: grids never move the training RNG
     grid_real = to_float(next(ordered_batches(run.train_set, cfg.batch_size, cfg.batch_size, 0)),
                          run.device)
@@ -2053,8 +2074,10 @@ def train(cfg):
             stats = train_step(step_method(cfg, epoch), nets, opts, x, cfg, c, run.s, run.amp,
                                run.vae_s_state)
             update_ema(nets["ema"], unwrap(nets["decoder"]), cfg.ema_decay)
-            check_finite(stats, step, run.ckpt_path)
             step += 1
+            watch.add(stats, step)
+            if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == run.stop:
+                watch.raise_if_diverged(run.ckpt_path)  # the one host sync of the interval
             log.add(step, epoch, stats, c, x.shape[0], run.vae_s_state)
             if step % cfg.img_every == 0 or step == run.stop:
                 path = os.path.join(run.out_dir, f"grid_{step:07d}.png")

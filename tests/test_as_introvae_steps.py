@@ -471,3 +471,38 @@ def test_train_hands_s_c_and_the_warm_up_to_the_steps(tmp_path, monkeypatch, var
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert ["loss_e" in r for r in records] == [False] * 3 + [True] * 6
     assert all("loss" in r for r in records[:3])
+
+
+# --------------------------------------------------------------------------------------------------
+# the NaN / inf check: watched on the device, read back only at log intervals, exact first step
+# --------------------------------------------------------------------------------------------------
+def test_a_planted_nan_names_its_step_though_read_back_only_at_the_log(tmp_path, monkeypatch):
+    """Steps 5 and 6 return a NaN loss, the log is read every 4 steps: the error comes at the
+    read-back after step 8 but names step 5, and no checkpoint holds the diverged weights."""
+    np.savez(tmp_path / "train.npz", images=pattern_images(20, 0))
+    real_train_step, calls = asv.train_step, []
+
+    def planted(*args, **kwargs):
+        stats = real_train_step(*args, **kwargs)
+        calls.append(len(calls) + 1)
+        if calls[-1] in (5, 6):
+            stats["loss"] = torch.tensor(float("nan"))
+        return stats
+
+    monkeypatch.setattr(asv, "train_step", planted)
+    reads = []
+    real_raise = asv.FiniteWatch.raise_if_diverged
+    monkeypatch.setattr(asv.FiniteWatch, "raise_if_diverged",
+                        lambda self, path: (reads.append(len(calls)), real_raise(self, path))[1])
+    flags = ["--dataset", "npz", "--data-root", str(tmp_path / "train.npz"), "--model", "vae",
+             "--channels", "8,16", "--z-dim", "4", "--batch-size", "8", "--epochs", "5",
+             "--log-every", "4", "--ckpt-every", "4", "--img-every", "100", "--fid-samples", "0",
+             "--num-workers", "0", "--out", str(tmp_path / "run")]
+    with pytest.raises(asv.TrainingDiverged, match=r"non-finite loss at step 5 \(loss nan\); "
+                       r"last good checkpoint: .* \(step 4\)"):
+        asv.train(asv.make_config(vars(asv.build_parser().parse_args(flags))))
+    assert reads == [4, 8] and len(calls) == 8  # two read-backs, not one per step
+    log_lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in log_lines]
+    assert [r["step"] for r in records] == [4]
+    assert asv.load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["step"] == 4
