@@ -1471,6 +1471,19 @@ def vae_s_step(encoder, decoder, opt_encoder, opt_decoder, x, vae_s_state, *, be
     return detached({"loss": loss, **stats})
 
 
+def interleave(real, rec):
+    """(B, ...) x 2 -> (2B, ...) in the order real_0, rec_0, real_1, rec_1, ...: the
+    discriminator's batch [x, x~] of AVAE-S Algorithm 1, arranged so that any split along dim 0
+    into chunks of even size (nn.DataParallel's per-GPU chunks) gives each BatchNorm both classes
+    in equal numbers. On one device BatchNorm's statistics do not depend on the order."""
+    return torch.stack([real, rec], dim=1).flatten(0, 1)
+
+
+def split_pairs(logits):
+    """interleave's inverse for the logits (2B,) -> (real (B,), rec (B,))."""
+    return logits[0::2], logits[1::2]
+
+
 def adversarial_step(encoder, decoder, disc, opt_encoder, opt_decoder, opt_disc, x, objective, *,
                      beta_adv, adv_loss, disc_train_below, adv_use_above, amp):
     """AVAE / AVAE-S fine-tuning, AVAE-S Algorithm 1's second loop. objective(encoder, decoder, x)
@@ -1481,12 +1494,10 @@ def adversarial_step(encoder, decoder, disc, opt_encoder, opt_decoder, opt_disc,
     set_requires_grad(decoder, True)
     set_requires_grad(disc, True)
     loss, rec, stats = objective(encoder, decoder, x)
-    batch = x.shape[0]
     with amp():
-        logits = disc(
-            torch.cat([x, rec.detach()])
-        )  # (2B,): one forward, BatchNorm sees both classes
-    logits_real, logits_rec = logits[:batch], logits[batch:]
+        # one forward, BatchNorm sees both classes; interleaved so that every contiguous chunk
+        # nn.DataParallel scatters holds as many real images as reconstructions
+        logits_real, logits_rec = split_pairs(disc(interleave(x, rec.detach())))  # (B,) each
     accuracy = discriminator_accuracy(logits_real, logits_rec)  # a host sync: the gates need it
     train_disc, use_adv = adversarial_gates(accuracy, disc_train_below, adv_use_above)
     dis_loss = loss_dis(logits_real, logits_rec).mean()
@@ -1496,7 +1507,7 @@ def adversarial_step(encoder, decoder, disc, opt_encoder, opt_decoder, opt_disc,
     if use_adv:
         set_requires_grad(disc, False)
         with amp():
-            logits_rec_vae = disc(torch.cat([x, rec]))[batch:]  # the discriminator after its step
+            _, logits_rec_vae = split_pairs(disc(interleave(x, rec)))  # the updated discriminator
         loss = loss + beta_adv * loss_adv(logits_rec_vae, adv_loss).mean()
     # DEVIATION: AVAE-S Algorithm 1 skips the VAE update while accuracy <= 0.5; here the VAE keeps
     # training on L_VAE alone then, so the reconstruction never stalls while the discriminator
@@ -1588,6 +1599,19 @@ def describe_device(device):
 
 def unwrap(module):
     return module.module if isinstance(module, nn.DataParallel) else module
+
+
+def replicas(module):
+    """How many nn.DataParallel replicas run module's forward (1 when it is not wrapped)."""
+    return len(module.device_ids) if isinstance(module, nn.DataParallel) else 1
+
+
+def bn_batch_size(batch_size, replica_count):
+    """Images one BatchNorm layer normalises over in a training forward of batch_size images:
+    nn.DataParallel scatters the batch along dim 0 in chunks of ceil(B / replicas) (the last
+    may be smaller), each replica with its own batch statistics; replica 0's running averages
+    are the ones kept. Under torchrun, batch_size is already the rank's batch."""
+    return math.ceil(batch_size / replica_count)
 
 
 def make_state(cfg, image_channels, device):
@@ -2141,18 +2165,21 @@ def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir):
     pictures, and FID of EMA-decoder samples against the training images."""
     encoder, decoder, ema = (unwrap(nets[k]) for k in ("encoder", "decoder", "ema"))
     generator = torch.Generator().manual_seed(cfg.seed + 1)  # never touches the training RNG
-    batch = cfg.batch_size  # BatchNorm in train mode sees batches of the training size
+    # Train-mode BatchNorm normalises over the batch one replica saw in training: the per-rank
+    # batch, split again into nn.DataParallel's per-GPU chunks (bn_batch_size).
+    bn_batch = bn_batch_size(cfg.batch_size, replicas(nets["decoder"]))
 
-    def sample(k):  # k EMA-decoder samples in [0, 1]; at least a training batch per forward
-        z = torch.randn(max(k, batch), cfg.z_dim, generator=generator).to(device)
+    def sample(k):  # k EMA-decoder samples in [0, 1], every decoder forward exactly bn_batch
+        z = torch.randn(math.ceil(k / bn_batch) * bn_batch, cfg.z_dim, generator=generator)
         with amp():
-            return ema(z)[:k].clamp(0, 1)
+            images = torch.cat([ema(chunk.to(device)) for chunk in z.split(bn_batch)])
+        return images[:k].clamp(0, 1)
 
     results = {"dataset": cfg.dataset, "model": cfg.model, "variant": cfg.variant, "arch": cfg.arch,
                "bn_mode": cfg.bn_mode}
     with batchnorm_mode([encoder, decoder, ema], cfg.bn_mode):
         scores, first = reconstruction_scores(
-            encoder, decoder, sample, test_set, split, cfg, device, amp
+            encoder, decoder, sample, test_set, split, cfg, device, amp, batch_size=bn_batch
         )
         results.update(scores)
         results["images"] = save_pictures(encoder, decoder, sample, first, cfg.z_dim, device, amp,
@@ -2161,16 +2188,17 @@ def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir):
     return results
 
 
-def reconstruction_scores(encoder, decoder, sample, test_set, split, cfg, device, amp):
+def reconstruction_scores(encoder, decoder, sample, test_set, split, cfg, device, amp, *,
+                          batch_size):
     """PSNR / SSIM / MSE / cosine similarity of the reconstructions with z = mu (Table 3's protocol;
     cosine: AVAE-S Table III) over the first eval_images of the evaluation split, and the sharpness
     of real, reconstructed and generated images. -> ({"reconstruction", "sharpness"}, the first
-    batch (x, rec) on the CPU)."""
+    batch (x, rec) on the CPU). batch_size: images per forward, the BatchNorm batch of training."""
     per_image = {name: [] for name in ("psnr", "ssim", "mse", "cosine", "sharp_real", "sharp_rec",
                                        "sharp_fake")}
     first = None
     bar = Progress(min(cfg.eval_images or len(test_set), len(test_set)), "reconstruction")
-    for images in ordered_batches(test_set, cfg.batch_size, cfg.eval_images, cfg.num_workers):
+    for images in ordered_batches(test_set, batch_size, cfg.eval_images, cfg.num_workers):
         x = to_float(images, device)
         with amp():
             rec = decoder(encoder(x)[0]).clamp(0, 1)
@@ -2293,8 +2321,9 @@ def fid_of_samples(cfg, sample, train_set, device):
         batch_size=100,
         total=min(cfg.fid_samples, len(train_set)),
     )
+    # one call of sample per training-size batch: no decoded image is thrown away
     mu_fake, sigma_fake = stats_from_generator(
-        sample, cfg.fid_samples, inception, batch_size=100, device=device
+        sample, cfg.fid_samples, inception, batch_size=cfg.batch_size, device=device
     )
     fids = fid_by_depth(mu_real, sigma_real, mu_fake, sigma_fake)
     return {"value": fids["fid_2048"], **fids, "note": FID_NOTE, "generated": cfg.fid_samples,

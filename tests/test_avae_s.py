@@ -1,6 +1,7 @@
 """as_introvae.py, the AVAE-S parts (Naderi et al.; equation numbers are the AVAE-S paper's): every term
 of Eq. 5-7 and 10-11 on tiny tensors against hand-worked values, the lambda rule and its probe, Algorithm 1's gates
 inside the adversarial step, the Table I networks, the presets, cosine similarity and FID at four depths."""
+import copy
 import math
 
 import numpy as np
@@ -277,12 +278,13 @@ def test_discriminator_accuracy_and_gates():
 
 
 class FixedLogits(nn.Module):
-    """A stand-in discriminator: fixed logits for the (real, rec) halves plus one trainable offset."""
+    """A stand-in discriminator: fixed logits for the real and rec images, in the interleaved
+    order the step feeds them (asv.interleave), plus one trainable offset."""
 
     def __init__(self, real, rec):
         super().__init__()
         self.offset = nn.Parameter(torch.zeros(()))
-        self.register_buffer("pattern", torch.tensor(real + rec))
+        self.register_buffer("pattern", asv.interleave(torch.tensor(real), torch.tensor(rec)))
 
     def forward(self, x):  # (2B, ...) -> (2B,); 0 * x keeps the graph through the images
         return self.pattern + self.offset + 0.0 * x.flatten(1).sum(dim=1)
@@ -483,3 +485,62 @@ def test_fid_by_depth_equals_fid_of_each_block():
         expected = eval_metrics.frechet_distance(*eval_metrics.feature_stats(real[:, block]),
                                                  *eval_metrics.feature_stats(fake[:, block]))
         assert value == pytest.approx(expected, rel=1e-10) and value > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the discriminator's [x, rec] batch does not depend on how many GPUs split it
+# --------------------------------------------------------------------------------------------------
+def concatenated(real, rec):  # the former layout, [x, rec]: on 2 GPUs one replica got only x
+    return torch.cat([real, rec])
+
+
+def split_halves(logits):
+    return logits.chunk(2)
+
+
+@pytest.mark.parametrize("model", ["avae", "avae-s"])
+def test_interleaved_discriminator_batch_equals_the_concatenated_one_on_one_device(model,
+                                                                                    monkeypatch):
+    """On one device BatchNorm's statistics ignore the order of the batch: the step with the
+    interleaved [x, rec] gives the losses and gradients of the step with [x; rec] concatenated."""
+    cfg = asv.Config(model=model, channels=(4, 8), image_size=20, z_dim=3, batch_size=6,
+                     pretrain_epochs=0, adv_epochs=1, epochs=1, disc_train_below=1.1,
+                     adv_use_above=-0.1)  # both gates open: every term and gradient counts
+    torch.manual_seed(0)
+    nets, opts = asv.make_state(cfg, 1, torch.device("cpu"))
+    twin_nets, twin_opts = copy.deepcopy(nets), copy.deepcopy(opts)
+    for name, opt in twin_opts.items():  # the twin optimisers must drive the twin networks
+        opt.param_groups[0]["params"] = list(twin_nets[name].parameters())
+    x = torch.rand(6, 1, 20, 20, generator=torch.Generator().manual_seed(1))
+    grads = {}
+
+    def run(nets_, opts_):
+        state = asv.new_vae_s_state(100, 1, torch.device("cpu")) if model == "avae-s" else None
+        torch.manual_seed(7)
+        stats = asv.train_step(model, nets_, opts_, x, cfg, 0.0, 1.0, no_amp, state)
+        return stats, {f"{n}.{k}": p.detach().clone() for n in ("encoder", "decoder", "disc")
+                       for k, p in nets_[n].named_parameters()}
+
+    stats, grads["interleaved"] = run(nets, opts)
+    monkeypatch.setattr(asv, "interleave", concatenated)
+    monkeypatch.setattr(asv, "split_pairs", split_halves)
+    twin_stats, grads["concatenated"] = run(twin_nets, twin_opts)
+    for key in ("loss", "loss_dis", "loss_adv", "disc_acc"):
+        assert stats[key].item() == pytest.approx(twin_stats[key].item(), rel=1e-5), key
+    for name, after in grads["interleaved"].items():  # the parameters after one Adam step
+        torch.testing.assert_close(after, grads["concatenated"][name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 3, 4])
+def test_every_data_parallel_chunk_holds_real_images_and_reconstructions(gpus):
+    """nn.DataParallel scatters along dim 0 in chunks of ceil(2B / gpus): with the interleaved
+    batch each chunk holds as many real images as reconstructions (one more of one kind when the
+    chunk is odd); the concatenated batch gave one GPU only real images at 2 GPUs."""
+    batch = 12
+    real, rec = torch.zeros(batch, 1), torch.ones(batch, 1)  # 0 marks a real image, 1 a rec
+    for chunk in asv.interleave(real, rec).chunk(gpus):
+        assert abs(2 * int(chunk.sum()) - chunk.shape[0]) <= 1
+    assert concatenated(real, rec).chunk(2)[0].sum() == 0  # the old layout's one-class replica
+    logits = torch.arange(2 * batch, dtype=torch.float32)
+    real_logits, rec_logits = asv.split_pairs(logits)
+    assert torch.equal(asv.interleave(real_logits, rec_logits), logits)
