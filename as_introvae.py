@@ -13,6 +13,8 @@ schedule and the training loop, in one file.
     python as_introvae.py --dataset npz --data-root train.npz --test-root test.npz  # uint8 arrays
     python as_introvae.py --eval runs/cifar10_asintrovae_s0/checkpoint.pt  # PSNR, SSIM, FID, grids
     python as_introvae.py --dataset cifar10 --bench 20            # ms/iteration, img/s, peak memory
+    torchrun --standalone --nproc_per_node=4 as_introvae.py --dataset cifar10 --data-root data
+                                                 # one process per GPU; the same flags, same batch
 
 torchvision downloads MNIST, FashionMNIST, CIFAR-10 and SVHN into --data-root when online. A run
 writes runs/<dataset>_<model>[_official]_s<seed>/ (or --out); the same command after a kill resumes
@@ -40,6 +42,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import functools
 import io
 import json
@@ -53,6 +56,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -118,7 +122,11 @@ class Config:
         (64, 128, 256), "encoder channel list, e.g. 64,128,256; the decoder mirrors it"
     )
     z_dim: int = option(128, "latent size D")
-    batch_size: int = option(64, "images per iteration (the last batch of an epoch may be smaller)")
+    batch_size: int = option(
+        64,
+        "images per iteration, all processes together: under torchrun each of the N ranks gets "
+        "batch / N (N must divide it); the last batch of an epoch may be smaller",
+    )
     epochs: int = option(
         150, "epochs; T = iterations per epoch * epochs sets the annealing (Eq. 9)"
     )
@@ -180,7 +188,21 @@ class Config:
     num_workers: int = option(
         4, "DataLoader workers for image folders (arrays are indexed in memory)"
     )
-    device: str = option("auto", "auto | cpu | cuda (all visible GPUs, nn.DataParallel)")
+    device: str = option(
+        "auto",
+        "auto | cpu | cuda (all visible GPUs in nn.DataParallel; under torchrun one GPU per rank, "
+        "nccl)",
+    )
+    sync_bn: bool = option(
+        False,
+        "torchrun on CUDA: SyncBatchNorm, batch statistics over all ranks (false: each rank's own "
+        "batch, as each GPU's chunk under nn.DataParallel)",
+    )
+    as_gather: bool = option(
+        True,
+        "torchrun: the AS-Distance (Eq. 7) over the batch gathered from all ranks, the loss of "
+        "one process on the whole batch (false: over each rank's batch, no all_gather)",
+    )
     bf16: bool = option(
         True, "CUDA only: bf16 autocast for the networks; losses and exp terms stay float32"
     )
@@ -193,7 +215,11 @@ class Config:
         "", "FID Inception weights file; default the torch hub cache (downloads when online)"
     )
     bn_mode: str = option(
-        "train", "BatchNorm for samples, reconstructions and FID: train (batch stats) | eval"
+        "train",
+        "BatchNorm for samples, reconstructions and FID: train (statistics of batches of the size "
+        "one BatchNorm saw in training: the rank's batch, per GPU chunk under nn.DataParallel) | "
+        "eval (running averages); train for every model, VAE family included (MNIST check: "
+        "closer samples, equal PSNR)",
     )
     bench: int = option(
         0, "time this many iterations on synthetic data at the preset's shapes and exit"
@@ -547,15 +573,18 @@ def load_data(cfg):
     return train, test, split
 
 
-def epoch_batches(data, batch_size, seed, epoch, skip, num_workers):
+def epoch_batches(data, batch_size, seed, epoch, skip, num_workers, ranks=None):
     """uint8 batches of one epoch in the order fixed by (seed, epoch), without its first `skip`
-    batches.
+    batches; under torchrun (ranks) this rank's share of each global batch.
 
-    The order depends on nothing else, so a resumed run sees exactly the batches a one-go run sees.
+    The order depends on nothing else, so a resumed run sees exactly the batches a one-go run sees,
+    and the ranks together see the batches of a one-process run (each rank reads only its share).
     The last batch is smaller when len(data) is not a multiple of batch_size (drop_last=False).
     """
     order = np.random.default_rng([seed, epoch]).permutation(len(data))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][skip:]
+    if ranks is not None and ranks.world > 1:
+        batches = [rank_share(indices, ranks) for indices in batches]
     if isinstance(data, ImageArray):
         for indices in batches:
             yield data.images[torch.from_numpy(indices).to(data.images.device)]
@@ -1056,11 +1085,19 @@ def introvae_step(encoder, decoder, opt_encoder, opt_decoder, x, eps, *, margin,
                                           beta_rec=beta_rec, beta_kl=beta_kl, amp=amp)}
 
 
+def as_batch(mu_r, logvar_r, mu_f, logvar_f, gather):
+    """The posteriors the AS-Distance compares: this process's (B, z) each, or, gather, the
+    batches of all torchrun ranks stacked (world B, z), differentiable."""
+    posteriors = (mu_r, logvar_r, mu_f, logvar_f)
+    return [gather_over_ranks(v) for v in posteriors] if gather else list(posteriors)
+
+
 def soft_intro_encoder_step(encoder, decoder, opt_encoder, x, eps, *, c, s, beta_rec, beta_kl,
-                            beta_neg, variant, amp):
+                            beta_neg, variant, amp, as_gather=False):
     """The encoder update of AS-IntroVAE (variant "paper" | "official") or, variant None, of
     Soft-IntroVAE (Eq. 9 at c = 1, no AS-Distance); the decoder is frozen.
-    eps (B, z): the prior draw shared with the decoder step. -> (z (B, z), logged values)."""
+    eps (B, z): the prior draw shared with the decoder step. as_gather: the AS-Distance over the
+    batch of all torchrun ranks. -> (z (B, z), logged values)."""
     if variant is None and c != 1.0:
         raise ValueError(f"Soft-IntroVAE is Eq. 9 at c = 1, got c = {c}")
     set_requires_grad(encoder, True)
@@ -1084,11 +1121,13 @@ def soft_intro_encoder_step(encoder, decoder, opt_encoder, x, eps, *, c, s, beta
     if variant == "paper":
         # Between the posteriors of the reconstructions and of the generated samples (Fig. 2);
         # the real data's posteriors never enter it.
-        as_dist = stats["as_dist"] = as_distance(mu_r, logvar_r, mu_f, logvar_f)
+        as_dist = stats["as_dist"] = as_distance(*as_batch(mu_r, logvar_r, mu_f, logvar_f,
+                                                           as_gather))
     elif variant == "official":
         # OFFICIAL: tanh on mu and logvar before the AS-Distance, whose terms are summed.
         squashed = (v.tanh() for v in (mu_r, logvar_r, mu_f, logvar_f))
-        as_dist = stats["as_dist"] = as_distance(*squashed, reduction="official_sum")
+        as_dist = stats["as_dist"] = as_distance(*as_batch(*squashed, as_gather),
+                                                 reduction="official_sum")
     loss, exp_r, exp_f = as_intro_encoder_loss(rec_err, kl_real, rec_err_r, kl_r, rec_err_f, kl_f,
                                                as_dist, c=c, s=s, beta_rec=beta_rec,
                                                beta_kl=beta_kl, beta_neg=beta_neg)
@@ -1100,7 +1139,7 @@ def soft_intro_encoder_step(encoder, decoder, opt_encoder, x, eps, *, c, s, beta
 
 
 def soft_intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps, *, c, s, beta_rec, beta_kl,
-                            gamma_r, variant, amp):
+                            gamma_r, variant, amp, as_gather=False):
     """The decoder update of AS-IntroVAE (variant "paper" | "official") or Soft-IntroVAE (variant
     None, c = 1), the encoder frozen as just updated, on the encoder step's z and eps."""
     if variant is None and c != 1.0:
@@ -1123,10 +1162,11 @@ def soft_intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps, *, c, s, b
     kl_r, kl_f = kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f)  # (B,)
     as_dist = 0.0
     if variant == "paper":
-        as_dist = as_distance(mu_r, logvar_r, mu_f, logvar_f)
+        as_dist = as_distance(*as_batch(mu_r, logvar_r, mu_f, logvar_f, as_gather))
     elif variant == "official":
         # OFFICIAL: the decoder step averages the AS-Distance's terms.
-        as_dist = as_distance(mu_r, logvar_r, mu_f, logvar_f, reduction="official_mean")
+        as_dist = as_distance(*as_batch(mu_r, logvar_r, mu_f, logvar_f, as_gather),
+                              reduction="official_mean")
     loss = as_intro_decoder_loss(rec_err, kl_r, kl_f, rec_err_rr, rec_err_rf, as_dist, c=c, s=s,
                                  beta_rec=beta_rec, beta_kl=beta_kl, gamma_r=gamma_r,
                                  variant=variant or "paper")
@@ -1135,15 +1175,15 @@ def soft_intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps, *, c, s, b
 
 
 def soft_intro_step(encoder, decoder, opt_encoder, opt_decoder, x, eps, *, c, s, beta_rec, beta_kl,
-                    beta_neg, gamma_r, variant, amp):
+                    beta_neg, gamma_r, variant, amp, as_gather=False):
     """One AS-IntroVAE (variant "paper" | "official") or Soft-IntroVAE (variant None, c = 1)
     iteration: the encoder step, then the decoder step on the same z and eps."""
     z, stats = soft_intro_encoder_step(encoder, decoder, opt_encoder, x, eps, c=c, s=s,
                                        beta_rec=beta_rec, beta_kl=beta_kl, beta_neg=beta_neg,
-                                       variant=variant, amp=amp)
+                                       variant=variant, amp=amp, as_gather=as_gather)
     return {**stats, **soft_intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps, c=c, s=s,
                                                beta_rec=beta_rec, beta_kl=beta_kl, gamma_r=gamma_r,
-                                               variant=variant, amp=amp)}
+                                               variant=variant, amp=amp, as_gather=as_gather)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1390,9 +1430,13 @@ def loss_adv(logits_rec, form="minimax"):
 def discriminator_accuracy(logits_real, logits_rec):
     """Accuracy_Dis of AVAE-S Algorithm 1 on one batch: the fraction of the 2B images classified
     correctly (real: logit > 0, reconstruction: logit < 0; a logit of exactly 0 is wrong). A
-    float (one host sync)."""
-    correct = (logits_real > 0).sum() + (logits_rec < 0).sum()
-    return float(correct) / float(logits_real.numel() + logits_rec.numel())
+    float (one host sync). Under torchrun the batch is the global one (an all_reduce of the
+    counts), so every rank opens the same gates."""
+    counts = torch.stack([(logits_real > 0).sum() + (logits_rec < 0).sum(),
+                          torch.tensor(logits_real.numel() + logits_rec.numel(),
+                                       device=logits_real.device)]).double()
+    correct, total = (mean_over_ranks(counts) * world_size()).tolist()
+    return correct / total
 
 
 def adversarial_gates(accuracy, disc_train_below=0.7, adv_use_above=0.5):
@@ -1427,8 +1471,9 @@ def probe_rec_weights(vae_s_state, terms):
     if vae_s_state["rec_weights"] is not None:
         return vae_s_state["rec_weights"]
     for name, term in terms.items():
+        # averaged over the torchrun ranks: every rank freezes the same lambdas
         vae_s_state["term_sums"][name] = (
-            vae_s_state["term_sums"][name] + term.detach().mean().double()
+            vae_s_state["term_sums"][name] + mean_over_ranks(term.detach().mean().double())
         )
     vae_s_state["term_count"] += 1
     if vae_s_state["term_count"] >= vae_s_state["probe_batches"]:
@@ -1560,7 +1605,8 @@ def train_step(method, nets, opts, x, cfg, c, s, amp, vae_s_state=None):
         return introvae_step(*pair, x, eps, margin=cfg.margin, beta_neg=cfg.beta_neg, **betas)
     variant = cfg.variant if method == "asintrovae" else None
     return soft_intro_step(*pair, x, eps, c=c if variant else 1.0, s=s, beta_neg=cfg.beta_neg,
-                           gamma_r=cfg.gamma_r, variant=variant, **betas)
+                           gamma_r=cfg.gamma_r, variant=variant,
+                           as_gather=cfg.as_gather and world_size() > 1, **betas)
 
 
 @torch.no_grad()
@@ -1575,13 +1621,16 @@ def update_ema(ema, decoder, decay):
 # --------------------------------------------------------------------------------------------------
 # loop: device, state, checkpoints, logs, grids
 # --------------------------------------------------------------------------------------------------
-def setup_device(name, bf16):
-    """-> (device, amp), amp() a bf16 autocast context on CUDA (a no-op elsewhere)."""
+def setup_device(name, bf16, ranks=None):
+    """-> (device, amp), amp() a bf16 autocast context on CUDA (a no-op elsewhere); under
+    torchrun the rank's GPU, cuda:LOCAL_RANK."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but no CUDA device is visible")
     device = torch.device(
         "cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     )
+    if device.type == "cuda" and ranks is not None and ranks.world > 1:
+        device = torch.device("cuda", ranks.local_rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1597,6 +1646,160 @@ def describe_device(device):
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+# --------------------------------------------------------------------------------------------------
+# torchrun: one process per GPU (or CPU process), gradients averaged by hand
+# --------------------------------------------------------------------------------------------------
+# Several forwards through one network before one backward (every step here) is what DDP's
+# wrapper cannot take with BatchNorm (its buffer broadcast before each forward is an in-place
+# write on a tensor autograd still needs). So no DDP wrapper: the ranks start from rank 0's
+# weights, each computes its own gradients on its share of the batch, and each optimiser
+# averages them over the ranks (one all_reduce) before it steps, so the weights stay identical.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class Ranks:
+    """Where this process stands among torchrun's processes; Ranks() is a plain run."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_writer(self):  # only rank 0 writes logs, grids, checkpoints and results
+        return self.rank == 0
+
+
+def ranks_from_environment(environ, batch_size):
+    """torchrun's variables -> Ranks, checked before any process group is made: none of them is
+    a plain run; some but not all, or a world size that does not divide the global batch, is a
+    ConfigError (one line)."""
+    present = [name for name in TORCHRUN_VARIABLES if name in environ]
+    if not present:
+        return Ranks()
+    missing = [name for name in TORCHRUN_VARIABLES if name not in environ]
+    if missing:
+        raise ConfigError(
+            f"{', '.join(present)} set but not {', '.join(missing)}: launch with torchrun "
+            "(e.g. torchrun --standalone --nproc_per_node=2 as_introvae.py ...) or unset them"
+        )
+    try:
+        ranks = Ranks(int(environ["RANK"]), int(environ["WORLD_SIZE"]),
+                      int(environ["LOCAL_RANK"]))
+    except ValueError:
+        raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers")
+    if batch_size % ranks.world:
+        raise ConfigError(
+            f"--batch-size {batch_size} is the global batch and the {ranks.world} ranks do not "
+            f"divide it: use a multiple of {ranks.world}"
+        )
+    return ranks
+
+
+def start_process_group(ranks, device_name):
+    """Join torchrun's process group (nccl on CUDA, gloo on the CPU); CUDA: this rank's GPU.
+    A stuck rank fails after 10 minutes instead of hanging."""
+    if ranks.world == 1:
+        return
+    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(ranks.local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=ranks.rank,
+                            world_size=ranks.world, timeout=datetime.timedelta(minutes=10))
+
+
+def world_size():
+    """The number of torchrun ranks (1 in a plain run), from torch's process group."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def mean_over_ranks(value):
+    """value (a float tensor) averaged over the ranks, on every rank (itself in a plain run)."""
+    if world_size() == 1:
+        return value
+    total = value.clone()
+    dist.all_reduce(total)
+    return total / world_size()
+
+
+class GatherOverRanks(torch.autograd.Function):
+    """(B_r, D) on rank r -> (sum_r B_r, D), the ranks' rows in rank order (the B_r may differ
+    by one at the end of an epoch: padded to the largest for all_gather, then cut). Backward:
+    every rank's loss depends on every row, so the gradient of a row is the sum over the ranks'
+    gradients (all_reduce), of which each rank keeps its own rows."""
+
+    @staticmethod
+    def forward(ctx, batch):
+        world = dist.get_world_size()
+        size = torch.tensor([batch.shape[0]], device=batch.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size)
+        sizes = [int(n) for n in sizes]
+        padded = batch.new_zeros((max(sizes), *batch.shape[1:]))
+        padded[:batch.shape[0]] = batch
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[:ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]]
+
+
+def gather_over_ranks(batch):
+    """(B, ...) on each rank -> (all ranks' B, ...), rank order, differentiable; the batch
+    itself in a plain run."""
+    if world_size() == 1:
+        return batch
+    return GatherOverRanks.apply(batch)
+
+
+def average_gradients_before_step(optimizer, world):
+    """optimizer.step() first replaces every gradient of its parameters by the mean of that
+    gradient over the ranks (one all_reduce of all of them flattened): the gradient of the mean
+    of the ranks' losses, i.e. of the global batch's loss when each rank's loss is a batch mean."""
+
+    def average(opt, args, kwargs):
+        grads = [p.grad for group in opt.param_groups for p in group["params"]
+                 if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(averaged.view_as(grad))
+
+    optimizer.register_step_pre_hook(average)
+
+
+@torch.no_grad()
+def average_buffers_over_ranks(modules):
+    """BatchNorm's running averages (float buffers) averaged over the ranks, one all_reduce:
+    each rank's own batches update them, so without this they drift apart. Training forwards
+    use batch statistics and never read them; --bn-mode eval, the EMA copy and the checkpoint
+    do, and they must not depend on which rank they come from."""
+    if world_size() == 1:
+        return
+    buffers = [b for module in modules for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.all_reduce(flat)
+    flat.div_(world_size())
+    for buffer, averaged in zip(buffers, flat.split([b.numel() for b in buffers])):
+        buffer.copy_(averaged.view_as(buffer))
+
+
+def rank_share(global_batch, ranks):
+    """This rank's contiguous part of a global batch (np.array_split: the sizes differ by at most
+    one when the last batch of an epoch does not divide)."""
+    return np.array_split(global_batch, ranks.world)[ranks.rank]
+
+
 def unwrap(module):
     return module.module if isinstance(module, nn.DataParallel) else module
 
@@ -1604,6 +1807,15 @@ def unwrap(module):
 def replicas(module):
     """How many nn.DataParallel replicas run module's forward (1 when it is not wrapped)."""
     return len(module.device_ids) if isinstance(module, nn.DataParallel) else 1
+
+
+def batchnorm_batch(cfg, ranks, decoder):
+    """Images one BatchNorm layer normalises over in a training forward (and so in a train-mode
+    sampling forward): the rank's batch (the global one with --sync-bn under torchrun), in
+    nn.DataParallel's per-GPU chunks when decoder is wrapped."""
+    if ranks.world > 1 and cfg.sync_bn:
+        return cfg.batch_size
+    return bn_batch_size(cfg.batch_size // ranks.world, replicas(decoder))
 
 
 def bn_batch_size(batch_size, replica_count):
@@ -1614,10 +1826,12 @@ def bn_batch_size(batch_size, replica_count):
     return math.ceil(batch_size / replica_count)
 
 
-def make_state(cfg, image_channels, device):
+def make_state(cfg, image_channels, device, ranks=None):
     """-> (nets {encoder, decoder, ema[, disc]}, opts {encoder, decoder[, disc]}): avae / avae-s
     add the discriminator and its Adam (the same lr and betas); the trained networks in
-    nn.DataParallel on >1 GPU."""
+    nn.DataParallel on >1 GPU. Under torchrun (ranks.world > 1) no wrapper: rank 0's weights
+    on every rank, SyncBatchNorm with cfg.sync_bn, optimisers that average the gradients."""
+    ranks = ranks or Ranks()
     encoder, decoder = build_networks(
         image_channels, cfg.channels, cfg.image_size, cfg.z_dim, cfg.arch
     )
@@ -1626,7 +1840,10 @@ def make_state(cfg, image_channels, device):
         trained["disc"] = build_discriminator(
             image_channels, cfg.channels, cfg.image_size, cfg.arch
         )
-    ema = copy.deepcopy(decoder).requires_grad_(False)
+    ema = copy.deepcopy(decoder).requires_grad_(False)  # plain BatchNorm: it samples alone
+    if ranks.world > 1 and cfg.sync_bn:
+        trained = {name: nn.SyncBatchNorm.convert_sync_batchnorm(net)
+                   for name, net in trained.items()}
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     for net in (*trained.values(), ema):
         net.to(device, memory_format=memory_format)
@@ -1636,7 +1853,16 @@ def make_state(cfg, image_channels, device):
         )
         for name, net in trained.items()
     }
-    if device.type == "cuda" and torch.cuda.device_count() > 1:
+    if ranks.world > 1:
+        with torch.no_grad():
+            for net in (*trained.values(), ema):
+                for tensor in (*net.parameters(), *net.buffers()):
+                    source = tensor.contiguous()  # a copy of a channels_last weight
+                    dist.broadcast(source, src=0)
+                    tensor.copy_(source)
+        for optimizer in opts.values():
+            average_gradients_before_step(optimizer, ranks.world)
+    elif device.type == "cuda" and torch.cuda.device_count() > 1:
         trained = {name: nn.DataParallel(net) for name, net in trained.items()}
     return {**trained, "ema": ema}, opts
 
@@ -1720,8 +1946,20 @@ def write_json(path, value):
     write_atomically(path, lambda handle: json.dump(value, handle, indent=2))
 
 
-def save_checkpoint(path, nets, opts, step, epoch, total_iters, cfg, avae_s=None):
-    """checkpoint.pt, written atomically; avae_s: avae_s_record(...) for the AVAE-S models."""
+def rng_states_of_all_ranks(ranks):
+    """Every rank's rng_state(), in rank order (a collective: all ranks call it); None in a
+    plain run. A checkpoint keeps them all, so each rank resumes its own noise."""
+    if ranks.world == 1:
+        return None
+    states = [None] * ranks.world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_checkpoint(path, nets, opts, step, epoch, total_iters, cfg, avae_s=None,
+                    rng_by_rank=None):
+    """checkpoint.pt, written atomically; avae_s: avae_s_record(...) for the AVAE-S models;
+    rng_by_rank: rng_states_of_all_ranks(...) of a torchrun run (its length: the world size)."""
     state = {
         "step": step,
         "epoch": epoch,
@@ -1733,6 +1971,8 @@ def save_checkpoint(path, nets, opts, step, epoch, total_iters, cfg, avae_s=None
     }
     if avae_s is not None:
         state["avae_s"] = avae_s
+    if rng_by_rank is not None:
+        state["rng_by_rank"] = rng_by_rank
     write_atomically(path, functools.partial(torch.save, state), binary=True)
 
 
@@ -1816,12 +2056,31 @@ def batchnorm_mode(modules, mode):
 def training_grid(nets, real, noise, bn_mode, amp, path):
     """Rows: 16 real training images / their reconstructions (z = mu) / 16 EMA-decoder samples;
     the whole fixed batch goes through the networks so that batch statistics are those of a
-    training batch."""
+    training batch. path None: the forwards only (torchrun ranks other than 0)."""
     encoder, decoder, ema = (unwrap(nets[k]) for k in ("encoder", "decoder", "ema"))
     with batchnorm_mode([encoder, decoder, ema], bn_mode), amp():
         rec = decoder(encoder(real)[0])
         fake = ema(noise)
-    save_grid([real[:16], rec[:16], fake[:16]], path, nrow=16)
+    if path is not None:
+        save_grid([real[:16], rec[:16], fake[:16]], path, nrow=16)
+
+
+def plain_copies(nets, cfg, image_channels, device):
+    """The networks with their weights and buffers but ordinary BatchNorm, no wrapper, no
+    gradient averaging: what a rank evaluates on its own (SyncBatchNorm would wait for ranks
+    that run a different number of forwards)."""
+    copies = {"ema": nets["ema"]}
+    copies["encoder"], copies["decoder"] = build_networks(image_channels, cfg.channels,
+                                                          cfg.image_size, cfg.z_dim, cfg.arch)
+    if "disc" in nets:
+        copies["disc"] = build_discriminator(image_channels, cfg.channels, cfg.image_size,
+                                             cfg.arch)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    for name, net in copies.items():
+        if name != "ema":
+            net.load_state_dict(unwrap(nets[name]).state_dict())
+            net.to(device, memory_format=memory_format).train(unwrap(nets[name]).training)
+    return copies
 
 
 def plot_curves(records, path, keys):
@@ -1909,11 +2168,15 @@ class Run:
     vae_s_state: object
     step: int
     resumed: bool
+    ranks: Ranks  # torchrun's rank and world size; Ranks() in a plain run
 
 
 def start_or_resume(cfg):
     """A new run, or the run whose checkpoint.pt is in the run folder
-    (same flags, same RNG state)."""
+    (same flags, same RNG state). Under torchrun every rank joins the process group here, reads
+    the checkpoint, and builds the same networks; only rank 0 prints and writes."""
+    ranks = ranks_from_environment(os.environ, cfg.batch_size)
+    say = print if ranks.is_writer else (lambda *args, **kwargs: None)
     out_dir = cfg.out or os.path.join("runs", run_name(cfg))
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     state = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
@@ -1921,12 +2184,21 @@ def start_or_resume(cfg):
     schedule = "tanh" if official else "linear"  # OFFICIAL: the released code anneals with tanh
     if state is not None:
         check_same_run(config_from_checkpoint(state, ckpt_path), cfg, ckpt_path)
+        saved_world = len(state.get("rng_by_rank") or [None])
+        if saved_world != ranks.world:
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} was made by {saved_world} process(es), this launch has "
+                f"{ranks.world}: resume with the same torchrun --nproc_per_node x --nnodes"
+            )
         c_now = annealing_coefficient(state["step"], state["total_iters"], schedule)
-        print(f"resuming from {ckpt_path} at step {state['step']} of {state['total_iters']}"
+        say(f"resuming from {ckpt_path} at step {state['step']} of {state['total_iters']}"
               + (f" (c = {c_now:.6f})" if cfg.model == "asintrovae" else "")
               + (f" (phase {phase_name(cfg, state['epoch'])})"
                  if cfg.model in ADVERSARIAL_MODELS else ""), flush=True)
-    device, amp = setup_device(cfg.device, cfg.bf16)
+    start_process_group(ranks, cfg.device)
+    device, amp = setup_device(cfg.device, cfg.bf16, ranks)
+    if cfg.sync_bn and ranks.world > 1 and device.type != "cuda":
+        raise ConfigError("--sync-bn true needs CUDA: torch's SyncBatchNorm runs on GPUs only")
     train_set, test_set, split = load_data(cfg)
     if isinstance(train_set, ImageArray):
         train_set.images = train_set.images.to(device)
@@ -1935,8 +2207,11 @@ def start_or_resume(cfg):
     total_iters = iters_per_epoch * cfg.epochs  # T of Eq. 9, the last partial batch included
     stop = min(total_iters, cfg.max_iters) if cfg.max_iters else total_iters
     check_batch_sizes(cfg, len(train_set), min(cfg.eval_images or len(test_set), len(test_set)))
+    check_rank_batches(cfg, len(train_set), ranks)
     seed_everything(cfg.seed)
-    nets, opts = make_state(cfg, train_set.shape[0], device)
+    nets, opts = make_state(cfg, train_set.shape[0], device, ranks)
+    if ranks.rank > 0:  # each rank its own noise; rank 0 draws what a plain run draws
+        seed_everything(int(np.random.SeedSequence([cfg.seed, ranks.rank]).generate_state(1)[0]))
     vae_s_state = None
     if cfg.model in SHARP_MODELS:
         probe = cfg.lambda_batches or iters_per_epoch
@@ -1946,7 +2221,7 @@ def start_or_resume(cfg):
         restore(state, nets, opts, ckpt_path)
         if vae_s_state is not None:
             restore_vae_s_state(vae_s_state, state.get("avae_s"), ckpt_path)
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng_by_rank"][ranks.rank] if ranks.world > 1 else state["rng"])
         step = state["step"]
     else:
         detail = {
@@ -1954,21 +2229,42 @@ def start_or_resume(cfg):
             "avae": f" ({cfg.pretrain_epochs} pretrain + {cfg.adv_epochs} adversarial epochs)",
         }
         detail["avae-s"] = detail["avae"]
-        print(f"new run {out_dir}: {cfg.model}{detail.get(cfg.model, '')}"
+        say(f"new run {out_dir}: {cfg.model}{detail.get(cfg.model, '')}"
               f"{' on AVAE-S Table I nets' if cfg.arch == 'avae' else ''} on {cfg.dataset} "
               f"{'x'.join(map(str, train_set.shape))}, {len(train_set)} images, {iters_per_epoch} "
-              f"iterations/epoch, T = {total_iters}, stop at {stop}, {describe_device(device)}",
-              flush=True)
-    os.makedirs(out_dir, exist_ok=True)
+              f"iterations/epoch, T = {total_iters}, stop at {stop}, {describe_device(device)}"
+              + (f", {ranks.world} torchrun ranks of {cfg.batch_size // ranks.world} images"
+                 if ranks.world > 1 else ""), flush=True)
     derived = {"image_shape": train_set.shape, "s": s, "train_images": len(train_set),
                "eval_split": split, "iters_per_epoch": iters_per_epoch, "total_iters": total_iters,
-               "device": describe_device(device), "torch": torch.__version__}
-    write_json(
-        os.path.join(out_dir, "config.json"), {**dataclasses.asdict(cfg), "derived": derived}
-    )
+               "device": describe_device(device), "torch": torch.__version__,
+               "world_size": ranks.world, "batch_size_per_rank": cfg.batch_size // ranks.world,
+               "batch_size_is": "global: all ranks together; each rank batch_size / world_size",
+               "batchnorm_batch": batchnorm_batch(cfg, ranks, nets["decoder"]),
+               "as_distance_over": ("all ranks' batch" if cfg.as_gather or ranks.world == 1
+                                    else "each rank's batch")}
+    if ranks.is_writer:
+        os.makedirs(out_dir, exist_ok=True)
+        write_json(
+            os.path.join(out_dir, "config.json"), {**dataclasses.asdict(cfg), "derived": derived}
+        )
     return Run(out_dir, ckpt_path, device, amp, train_set, test_set, split, s, iters_per_epoch,
                total_iters, stop, schedule, nets, opts, vae_s_state, step,
-               resumed=state is not None)
+               resumed=state is not None, ranks=ranks)
+
+
+def check_rank_batches(cfg, train_images, ranks):
+    """Under torchrun every rank needs images in every batch, two for the AVAE-S models (Eq. 10's
+    estimator, Table I's BatchNorm1d): the last batch of an epoch is split too."""
+    if ranks.world == 1:
+        return
+    last = train_images % cfg.batch_size or cfg.batch_size
+    need = 2 if cfg.model in SHARP_MODELS or cfg.arch == "avae" else 1
+    if last // ranks.world < need:
+        raise ConfigError(
+            f"the last batch of an epoch ({last} images) leaves a rank fewer than {need} at "
+            f"{ranks.world} ranks: change --batch-size"
+        )
 
 
 def flip_at_random(x, enabled):
@@ -1985,8 +2281,10 @@ class FiniteWatch:
     back, at each log record, before each checkpoint and at the end, so a checkpoint never holds
     diverged weights and the error still names the exact first bad step."""
 
+    NONE = 2 ** 62  # "no bad step yet": larger than any step, so the minimum over ranks works
+
     def __init__(self, device):
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # step, -1: none
+        self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
         self.losses_then = None  # (number of losses,) at the first bad step
         self.names = None
 
@@ -1994,16 +2292,20 @@ class FiniteWatch:
         """stats: train_step's dict of the 0-d values of step `step` (counted from 1)."""
         self.names = [name for name in stats if name.startswith("loss")]
         losses = torch.stack([stats[name].float() for name in self.names])  # (number of losses,)
-        first_here = (self.first_bad < 0) & ~torch.isfinite(losses).all()
+        first_here = (self.first_bad == self.NONE) & ~torch.isfinite(losses).all()
         self.first_bad = torch.where(first_here, step, self.first_bad)
         if self.losses_then is None or self.losses_then.shape != losses.shape:
             self.losses_then = torch.zeros_like(losses)
         self.losses_then = torch.where(first_here, losses, self.losses_then)
 
     def raise_if_diverged(self, ckpt_path):
-        """TrainingDiverged naming the first bad step, its losses and the last good checkpoint."""
-        first_bad = int(self.first_bad)  # the host sync
-        if first_bad < 0:
+        """TrainingDiverged naming the first bad step, its losses and the last good checkpoint;
+        under torchrun the first over all ranks, raised on every rank together."""
+        first_bad = self.first_bad.clone()
+        if world_size() > 1:
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        first_bad = int(first_bad)  # the host sync
+        if first_bad == self.NONE:
             return
         last = load_checkpoint(ckpt_path)["step"] if os.path.exists(ckpt_path) else None
         values = ", ".join(f"{name} {value:.4g}"
@@ -2015,17 +2317,19 @@ class FiniteWatch:
 
 class TrainingLog:
     """Averages the logged values over each log_every interval into log.jsonl, the progress line
-    and curves.png; a resumed run keeps the records up to its checkpoint's step."""
+    and curves.png; a resumed run keeps the records up to its checkpoint's step. Under torchrun
+    the averages are over the ranks too (one all_reduce per record) and only rank 0 writes."""
 
     PROGRESS_KEYS = ("loss_e", "loss_d", "loss", "rec", "kl_real", "kl_fake", "kl_rec",
                      "exp_elbo_fake", "as_dist", "c", "tc", "loss_dis", "loss_adv", "disc_acc")
 
-    def __init__(self, cfg, out_dir, step, stop):
-        self.cfg, self.out_dir, self.stop = cfg, out_dir, stop
+    def __init__(self, cfg, out_dir, step, stop, writer=True):
+        self.cfg, self.out_dir, self.stop, self.writer = cfg, out_dir, stop, writer
         self.path = os.path.join(out_dir, "log.jsonl")
         self.records = read_log(self.path, step)
         lines = [json.dumps(record) + "\n" for record in self.records]
-        write_atomically(self.path, lambda handle: handle.writelines(lines))
+        if writer:
+            write_atomically(self.path, lambda handle: handle.writelines(lines))
         # one line rewritten in a terminal, a line per record in a file
         self.end = "\r" if sys.stdout.isatty() else "\n"
         self.lambdas_shown = False
@@ -2045,6 +2349,7 @@ class TrainingLog:
             vae_s_state is not None
             and vae_s_state["rec_weights"] is not None
             and not self.lambdas_shown
+            and self.writer
         ):
             weights = " ".join(
                 f"{name} {value:.4g}" for name, value in vae_s_state["rec_weights"].items()
@@ -2056,8 +2361,15 @@ class TrainingLog:
             return
         now = time.perf_counter()
         rate = self.images / (now - self.tick)
+        keys = list(self.sums)  # the same keys, in the same order, on every rank
+        device = next(v.device for v in self.sums.values())
+        means = mean_over_ranks(torch.stack([
+            (self.sums[key] / self.counts[key]).to(device, torch.float64) for key in keys]))
         record = {"step": step, "epoch": epoch + 1,
-                  **{key: (total / self.counts[key]).item() for key, total in self.sums.items()}}
+                  **{key: value for key, value in zip(keys, means.tolist())}}
+        if not self.writer:
+            self.reset()
+            return
         if self.cfg.model == "asintrovae":
             record["c"] = c
         record["img_per_s"] = rate
@@ -2080,8 +2392,8 @@ def train(cfg):
     """Soft-IntroVAE's Algorithm 1 with Eq. 9's c: per iteration c, the encoder step then the
     decoder step (train_step), the decoder's EMA; around it the log, image grids, checkpoints."""
     run = start_or_resume(cfg)
-    nets, opts, step = run.nets, run.opts, run.step
-    log = TrainingLog(cfg, run.out_dir, step, run.stop)
+    nets, opts, step, ranks = run.nets, run.opts, run.step, run.ranks
+    log = TrainingLog(cfg, run.out_dir, step, run.stop, writer=ranks.is_writer)
     watch = FiniteWatch(run.device)
     # the grids' fixed inputs; their noise has its own generator: grids never move the training RNG
     grid_real = to_float(next(ordered_batches(run.train_set, cfg.batch_size, cfg.batch_size, 0)),
@@ -2092,37 +2404,50 @@ def train(cfg):
     while step < run.stop:
         skip = step - epoch * run.iters_per_epoch
         for batch in epoch_batches(run.train_set, cfg.batch_size, cfg.seed, epoch, skip,
-                                   cfg.num_workers):
+                                   cfg.num_workers, ranks):  # this rank's share
             x = flip_at_random(to_float(batch, run.device), cfg.hflip)  # (B, C, H, W) in [0, 1]
             c = annealing_coefficient(step, run.total_iters, run.schedule)
             stats = train_step(step_method(cfg, epoch), nets, opts, x, cfg, c, run.s, run.amp,
                                run.vae_s_state)
+            average_buffers_over_ranks([nets[name] for name in opts])  # no-op in a plain run
             update_ema(nets["ema"], unwrap(nets["decoder"]), cfg.ema_decay)
             step += 1
             watch.add(stats, step)
             if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == run.stop:
                 watch.raise_if_diverged(run.ckpt_path)  # the one host sync of the interval
-            log.add(step, epoch, stats, c, x.shape[0], run.vae_s_state)
+            log.add(step, epoch, stats, c, x.shape[0] * ranks.world, run.vae_s_state)
             if step % cfg.img_every == 0 or step == run.stop:
                 path = os.path.join(run.out_dir, f"grid_{step:07d}.png")
-                training_grid(nets, grid_real, grid_noise, cfg.bn_mode, run.amp, path)
+                # every rank runs the forwards (SyncBatchNorm's collectives), rank 0 saves
+                training_grid(nets, grid_real, grid_noise, cfg.bn_mode, run.amp,
+                              path if ranks.is_writer else None)
             if step % cfg.ckpt_every == 0 or step == run.stop:
                 epochs_done = step // run.iters_per_epoch
-                save_checkpoint(run.ckpt_path, nets, opts, step, epochs_done, run.total_iters, cfg,
-                                avae_s_record(cfg, epochs_done, run.vae_s_state))
+                rng_by_rank = rng_states_of_all_ranks(ranks)
+                if ranks.is_writer:
+                    save_checkpoint(run.ckpt_path, nets, opts, step, epochs_done,
+                                    run.total_iters, cfg,
+                                    avae_s_record(cfg, epochs_done, run.vae_s_state), rng_by_rank)
             if step >= run.stop:
                 break
         epoch += 1
     log.close()
-    if run.resumed and run.step >= run.stop:
+    if run.resumed and run.step >= run.stop and ranks.is_writer:
         print(
             f"training already done at step {run.step} (stop at {run.stop}); evaluating", flush=True
         )
+    if ranks.world > 1:
+        # the evaluation's forwards are each rank's own: plain BatchNorm copies of the networks
+        nets = plain_copies(nets, cfg, run.train_set.shape[0], run.device)
     results = evaluate(nets, cfg, run.train_set, run.test_set, run.split, run.device, run.amp,
-                       run.out_dir)
-    results.update(checkpoint=run.ckpt_path, step=step,
-                   **avae_s_results(cfg, step, run.iters_per_epoch, run.vae_s_state))
-    write_results(results, run.out_dir)
+                       run.out_dir, ranks)
+    if ranks.is_writer:
+        results.update(checkpoint=run.ckpt_path, step=step,
+                       **avae_s_results(cfg, step, run.iters_per_epoch, run.vae_s_state))
+        write_results(results, run.out_dir)
+    if ranks.world > 1:
+        dist.barrier()  # no rank leaves while rank 0 still writes
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2160,14 +2485,18 @@ SHARPNESS_NOTE = (
 
 
 @torch.no_grad()
-def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir):
+def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir, ranks=None):
     """results.json's body: reconstruction scores and sharpness on the evaluation split, the
     pictures, and FID of EMA-decoder samples against the training images."""
     encoder, decoder, ema = (unwrap(nets[k]) for k in ("encoder", "decoder", "ema"))
-    generator = torch.Generator().manual_seed(cfg.seed + 1)  # never touches the training RNG
+    ranks = ranks or Ranks()
+    # never touches the training RNG; under torchrun each rank draws its own share of samples
+    eval_seed = cfg.seed + 1 if ranks.rank == 0 else int(
+        np.random.SeedSequence([cfg.seed + 1, ranks.rank]).generate_state(1)[0])
+    generator = torch.Generator().manual_seed(eval_seed)
     # Train-mode BatchNorm normalises over the batch one replica saw in training: the per-rank
     # batch, split again into nn.DataParallel's per-GPU chunks (bn_batch_size).
-    bn_batch = bn_batch_size(cfg.batch_size, replicas(nets["decoder"]))
+    bn_batch = batchnorm_batch(cfg, ranks, nets["decoder"])
 
     def sample(k):  # k EMA-decoder samples in [0, 1], every decoder forward exactly bn_batch
         z = torch.randn(math.ceil(k / bn_batch) * bn_batch, cfg.z_dim, generator=generator)
@@ -2179,26 +2508,45 @@ def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir):
                "bn_mode": cfg.bn_mode}
     with batchnorm_mode([encoder, decoder, ema], cfg.bn_mode):
         scores, first = reconstruction_scores(
-            encoder, decoder, sample, test_set, split, cfg, device, amp, batch_size=bn_batch
-        )
+            encoder, decoder, sample, test_set, split, cfg, device, amp, batch_size=bn_batch,
+            ranks=ranks)
         results.update(scores)
-        results["images"] = save_pictures(encoder, decoder, sample, first, cfg.z_dim, device, amp,
-                                          out_dir)
-        results["fid"] = fid_of_samples(cfg, sample, train_set, device)
+        if ranks.is_writer:
+            results["images"] = save_pictures(encoder, decoder, sample, first, cfg.z_dim, device,
+                                              amp, out_dir)
+        results["fid"] = fid_of_samples(cfg, sample, train_set, device, ranks)
     return results
 
 
+def gathered_in_order(parts, ranks):
+    """[(batch index, value)] of each rank -> the values of all ranks in batch order (every rank
+    gets them; a collective)."""
+    if ranks.world == 1:
+        return [value for _, value in parts]
+    everyone = [None] * ranks.world
+    dist.all_gather_object(everyone, parts)
+    return [value for _, value in sorted(pair for part in everyone for pair in part)]
+
+
 def reconstruction_scores(encoder, decoder, sample, test_set, split, cfg, device, amp, *,
-                          batch_size):
+                          batch_size, ranks=None):
     """PSNR / SSIM / MSE / cosine similarity of the reconstructions with z = mu (Table 3's protocol;
     cosine: AVAE-S Table III) over the first eval_images of the evaluation split, and the sharpness
     of real, reconstructed and generated images. -> ({"reconstruction", "sharpness"}, the first
-    batch (x, rec) on the CPU). batch_size: images per forward, the BatchNorm batch of training."""
-    per_image = {name: [] for name in ("psnr", "ssim", "mse", "cosine", "sharp_real", "sharp_rec",
-                                       "sharp_fake")}
+    batch (x, rec) on the CPU). batch_size: images per forward, the BatchNorm batch of training.
+    Under torchrun (ranks) rank r scores batches r, r + world, ... and the scores are gathered."""
+    ranks = ranks or Ranks()
+    names = ("psnr", "ssim", "mse", "cosine", "sharp_real", "sharp_rec", "sharp_fake")
+    per_image = {name: [] for name in names}
     first = None
-    bar = Progress(min(cfg.eval_images or len(test_set), len(test_set)), "reconstruction")
-    for images in ordered_batches(test_set, batch_size, cfg.eval_images, cfg.num_workers):
+    bar = Progress(min(cfg.eval_images or len(test_set), len(test_set)), "reconstruction",
+                   enabled=ranks.is_writer)
+    batches = ordered_batches(test_set, batch_size, cfg.eval_images, cfg.num_workers)
+    mine = []  # the batch indices this rank scores
+    for index, images in enumerate(batches):
+        if index % ranks.world != ranks.rank:
+            continue
+        mine.append(index)
         x = to_float(images, device)
         with amp():
             rec = decoder(encoder(x)[0]).clamp(0, 1)
@@ -2210,9 +2558,10 @@ def reconstruction_scores(encoder, decoder, sample, test_set, split, cfg, device
         per_image["sharp_rec"].append(sharpness(rec_cpu)[0])
         per_image["sharp_fake"].append(sharpness(sample(x.shape[0]).float().cpu())[0])
         first = (x_cpu, rec_cpu) if first is None else first
-        bar.update(x.shape[0])
+        bar.update(x.shape[0] * ranks.world)
     bar.close()
-    per_image = {name: np.concatenate(values) for name, values in per_image.items()}
+    per_image = {name: np.concatenate(gathered_in_order(list(zip(mine, values)), ranks))
+                 for name, values in per_image.items()}
     psnr_finite = per_image["psnr"][np.isfinite(per_image["psnr"])]
     reconstruction = {
         "split": split, "images": int(per_image["mse"].size), "z": "mu", "decoder": "raw (not EMA)",
@@ -2293,10 +2642,30 @@ def fid_by_depth(mu_real, sigma_real, mu_fake, sigma_fake, depths=FID_DEPTHS):
     return fids
 
 
-def fid_of_samples(cfg, sample, train_set, device):
+def pooled_statistics(parts):
+    """[(mean (D,), ddof-1 covariance (D, D), n)] of disjoint sets -> (mean, covariance, n) of
+    their union: sum_k [(n_k - 1) sigma_k + n_k mu_k mu_k^T] = sum of x x^T over all rows."""
+    n = sum(count for _, _, count in parts)
+    mean = sum(count * mu for mu, _, count in parts) / n
+    second = sum((count - 1) * sigma + count * np.outer(mu, mu) for mu, sigma, count in parts)
+    return mean, (second - n * np.outer(mean, mean)) / (n - 1), n
+
+
+def statistics_over_ranks(mu, sigma, n, ranks):
+    """This rank's feature statistics pooled with every other rank's (a collective)."""
+    if ranks.world == 1:
+        return mu, sigma, n
+    everyone = [None] * ranks.world
+    dist.all_gather_object(everyone, (mu, sigma, n))
+    return pooled_statistics(everyone)
+
+
+def fid_of_samples(cfg, sample, train_set, device, ranks=None):
     """FID of cfg.fid_samples EMA-decoder samples against (at most as many) training images at
     the four depths, standard pytorch-fid convention (eval-mode Inception, float images in
-    [0, 1], no quantisation)."""
+    [0, 1], no quantisation). Under torchrun each rank takes its share of both sets (training
+    batches r, r + world, ...; fid_samples / world samples) and the statistics are pooled."""
+    ranks = ranks or Ranks()
     if cfg.fid_samples == 0:
         return {"value": None, "note": "skipped (--fid-samples 0)"}
     try:
@@ -2310,21 +2679,25 @@ def fid_of_samples(cfg, sample, train_set, device):
         return {"value": None, "note": f"skipped: {error}"}
     reference = (
         to_float(images, device)
-        for images in ordered_batches(train_set, cfg.batch_size, cfg.fid_samples, cfg.num_workers)
+        for index, images in enumerate(
+            ordered_batches(train_set, cfg.batch_size, cfg.fid_samples, cfg.num_workers))
+        if index % ranks.world == ranks.rank
     )
     inception = InceptionAllDepths(inception)
-    mu_real, sigma_real, n_real = stats_from_batches(
+    mu_real, sigma_real, n_real = statistics_over_ranks(*stats_from_batches(
         reference,
         inception,
-        max_images=cfg.fid_samples,
         device=device,
         batch_size=100,
-        total=min(cfg.fid_samples, len(train_set)),
-    )
+        progress=ranks.is_writer,
+    ), ranks)
     # one call of sample per training-size batch: no decoded image is thrown away
+    share = len(np.array_split(np.arange(cfg.fid_samples), ranks.world)[ranks.rank])
     mu_fake, sigma_fake = stats_from_generator(
-        sample, cfg.fid_samples, inception, batch_size=cfg.batch_size, device=device
+        sample, share, inception, batch_size=cfg.batch_size, device=device,
+        progress=ranks.is_writer
     )
+    mu_fake, sigma_fake, _ = statistics_over_ranks(mu_fake, sigma_fake, share, ranks)
     fids = fid_by_depth(mu_real, sigma_real, mu_fake, sigma_fake)
     return {"value": fids["fid_2048"], **fids, "note": FID_NOTE, "generated": cfg.fid_samples,
             "reference": "training images", "reference_images": n_real, "decoder": "EMA"}
@@ -2452,6 +2825,9 @@ def one_line(error):
 def main(argv=None):
     try:
         given = vars(build_parser().parse_args(argv))
+        if (given.get("eval") or given.get("bench")) and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise ConfigError("--eval and --bench run in one process: start them with python, "
+                              "not torchrun")
         if given.get("eval"):
             run_evaluation(given)
         elif given.get("bench"):
