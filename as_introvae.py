@@ -597,15 +597,16 @@ def epoch_batches(data, batch_size, seed, epoch, skip, num_workers, ranks=None):
         )
 
 
-def ordered_batches(data, batch_size, limit, num_workers):
-    """uint8 batches of the first `limit` images (0: all) in file / array order, for evaluation."""
+def ordered_batches(data, batch_size, limit, num_workers, first=0):
+    """uint8 batches of the first `limit` images (0: all) in file / array order, for evaluation;
+    first > 0: from image `first` on (a torchrun rank's share)."""
     count = min(limit or len(data), len(data))
     if isinstance(data, ImageArray):
-        for start in range(0, count, batch_size):
+        for start in range(first, count, batch_size):
             yield data.images[start:min(start + batch_size, count)]
     else:
         yield from torch.utils.data.DataLoader(
-            torch.utils.data.Subset(data, range(count)),
+            torch.utils.data.Subset(data, range(first, count)),
             batch_size=batch_size,
             num_workers=num_workers,
         )
@@ -2396,7 +2397,8 @@ def train(cfg):
     log = TrainingLog(cfg, run.out_dir, step, run.stop, writer=ranks.is_writer)
     watch = FiniteWatch(run.device)
     # the grids' fixed inputs; their noise has its own generator: grids never move the training RNG
-    grid_real = to_float(next(ordered_batches(run.train_set, cfg.batch_size, cfg.batch_size, 0)),
+    grid_batch = batchnorm_batch(cfg, ranks, nets["decoder"])  # what one BatchNorm sees
+    grid_real = to_float(next(ordered_batches(run.train_set, grid_batch, grid_batch, 0)),
                          run.device)
     grid_noise = torch.randn(grid_real.shape[0], cfg.z_dim,
                              generator=torch.Generator().manual_seed(cfg.seed)).to(run.device)
@@ -2664,7 +2666,7 @@ def fid_of_samples(cfg, sample, train_set, device, ranks=None):
     """FID of cfg.fid_samples EMA-decoder samples against (at most as many) training images at
     the four depths, standard pytorch-fid convention (eval-mode Inception, float images in
     [0, 1], no quantisation). Under torchrun each rank takes its share of both sets (training
-    batches r, r + world, ...; fid_samples / world samples) and the statistics are pooled."""
+    images, fid_samples / world samples) and the statistics are pooled."""
     ranks = ranks or Ranks()
     if cfg.fid_samples == 0:
         return {"value": None, "note": "skipped (--fid-samples 0)"}
@@ -2677,11 +2679,15 @@ def fid_of_samples(cfg, sample, train_set, device, ranks=None):
             flush=True,
         )
         return {"value": None, "note": f"skipped: {error}"}
+    count = min(cfg.fid_samples, len(train_set))
+    mine = np.array_split(np.arange(count), ranks.world)[ranks.rank]  # this rank's images
+    if len(mine) < 2:
+        raise MetricInputError(f"FID over {ranks.world} ranks needs --fid-samples of at least "
+                               f"{2 * ranks.world} (2 images per rank), got {cfg.fid_samples}")
     reference = (
         to_float(images, device)
-        for index, images in enumerate(
-            ordered_batches(train_set, cfg.batch_size, cfg.fid_samples, cfg.num_workers))
-        if index % ranks.world == ranks.rank
+        for images in ordered_batches(train_set, cfg.batch_size, int(mine[-1]) + 1,
+                                      cfg.num_workers, first=int(mine[0]))
     )
     inception = InceptionAllDepths(inception)
     mu_real, sigma_real, n_real = statistics_over_ranks(*stats_from_batches(

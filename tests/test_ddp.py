@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import as_introvae as asv
+import eval_metrics
 from helpers import ROOT, assert_identical, pattern_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,15 +193,19 @@ def test_a_stopped_two_rank_run_resumes_to_the_unbroken_run(tmp_path):
     it ends with the weights, optimiser states, every rank's RNG and the log of a 6-step run."""
     np.savez(tmp_path / "train.npz", images=pattern_images(20, 0))
 
-    def flags(out, max_iters):
+    weights = tmp_path / "inception.pt"  # random weights: FID's plumbing, not its value
+    torch.save(eval_metrics.InceptionV3FID().state_dict(), weights)
+    fid = ["--fid-weights", str(weights), "--fid-samples", "6"]
+
+    def flags(out, max_iters, *extra):
         return ["--dataset", "npz", "--data-root", str(tmp_path / "train.npz"),
                 "--channels", "8,16", "--z-dim", "4", "--batch-size", "8", "--epochs", "2",
                 "--log-every", "1", "--img-every", "100", "--ckpt-every", "2",
                 "--fid-samples", "0", "--eval-images", "8", "--num-workers", "0", "--hflip",
-                "true", "--out", str(out), "--max-iters", str(max_iters)]
+                "true", "--out", str(out), "--max-iters", str(max_iters), *extra]
     for out, stops in ((tmp_path / "broken", (3, 6)), (tmp_path / "unbroken", (6,))):
         for stop in stops:
-            result = torchrun(flags(out, stop), tmp_path)
+            result = torchrun(flags(out, stop, *(fid if out.name == "unbroken" else [])), tmp_path)
             assert result.returncode == 0, result.stderr[-3000:]
             if out.name == "broken" and stop == 6:
                 assert "resuming from" in result.stdout and "at step 3 of 6" in result.stdout
@@ -216,6 +221,19 @@ def test_a_stopped_two_rank_run_resumes_to_the_unbroken_run(tmp_path):
     assert strip[0] == strip[1] and [r["step"] for r in strip[0]] == list(range(1, 7))
     config = json.loads((tmp_path / "unbroken" / "config.json").read_text())
     assert config["derived"]["world_size"] == 2 and config["derived"]["batch_size_per_rank"] == 4
+    # the evaluation split over the ranks and gathered: every image and sample counted once
+    results = json.loads((tmp_path / "unbroken" / "results.json").read_text())
+    assert results["reconstruction"]["images"] == 8 and results["step"] == 6
+    assert results["fid"]["reference_images"] == 6 and np.isfinite(results["fid"]["value"])
+
+
+def test_pooled_statistics_are_those_of_the_union():
+    rows = np.random.default_rng(0).normal(size=(11, 3))
+    parts = [(part.mean(0), np.cov(part, rowvar=False), len(part)) for part in (rows[:5], rows[5:])]
+    mean, covariance, n = asv.pooled_statistics(parts)
+    assert n == 11
+    np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(covariance, np.cov(rows, rowvar=False), rtol=1e-10)
 
 
 @pytest.mark.parametrize("environment, message", [
