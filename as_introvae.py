@@ -206,6 +206,11 @@ class Config:
     bf16: bool = option(
         True, "CUDA only: bf16 autocast for the networks; losses and exp terms stay float32"
     )
+    compile: bool = option(
+        False,
+        "torch.compile the trained networks and the EMA decoder (in place: checkpoints unchanged); "
+        "the first iterations compile",
+    )
     eval: str = option("", "evaluate this checkpoint into results.json and exit")
     eval_images: int = option(10000, "test images for PSNR / SSIM / MSE and sharpness (0: all)")
     fid_samples: int = option(
@@ -272,8 +277,8 @@ TORCHVISION_SETS = ("mnist", "fmnist", "cifar10", "svhn")
 IMAGE_CHANNELS = {"mnist": 1, "fmnist": 1}  # everything else is RGB (npz: from the array)
 # Flags that steer a run or its evaluation, not what is trained: they may change on resume, --eval.
 RUN_FLAGS = {"data_root", "test_root", "out", "max_iters", "log_every", "img_every", "ckpt_every",
-             "num_workers", "device", "bf16", "eval", "eval_images", "fid_samples", "fid_weights",
-             "bn_mode", "bench"}
+             "num_workers", "device", "bf16", "compile", "eval", "eval_images", "fid_samples",
+             "fid_weights", "bn_mode", "bench"}
 
 
 def parse_channels(text):
@@ -1848,6 +1853,8 @@ def make_state(cfg, image_channels, device, ranks=None):
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     for net in (*trained.values(), ema):
         net.to(device, memory_format=memory_format)
+        if cfg.compile:
+            net.compile()  # nn.Module.compile: the same module and state_dict, a compiled forward
     opts = {
         name: torch.optim.Adam(
             net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda"
