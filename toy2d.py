@@ -1216,12 +1216,8 @@ def draw_coverage_panel(record, width=300, height=150):
             draw.line(points, fill=colour, width=2)
         for x, y in points:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-    draw.text(
-        (left, 2),
-        f"{METHOD_NAMES[record['method']]} {record['combo']} seed {record['seed']}",
-        fill="black",
-        font=font,
-    )
+    title = f"{METHOD_NAMES[record['method']]} {record['combo']} seed {record['seed']}"
+    draw.text((left, 2), f"{title} ({setting(record)})", fill="black", font=font)
     draw.text((2, top - 4), f"{n_modes}", fill=(0, 60, 200), font=font)
     draw.text((2, top + height - 10), "0", fill=(0, 60, 200), font=font)
     draw.text((left + width + 3, top - 4), f"{kl_top:.0f}", fill=(200, 0, 0), font=font)
