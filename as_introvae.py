@@ -2398,7 +2398,9 @@ class TrainingLog:
 
 def train(cfg):
     """Soft-IntroVAE's Algorithm 1 with Eq. 9's c: per iteration c, the encoder step then the
-    decoder step (train_step), the decoder's EMA; around it the log, image grids, checkpoints."""
+    decoder step (train_step), the decoder's EMA; around it the log, image grids, checkpoints.
+    Under torchrun every rank runs this loop on its share of each global batch; the optimisers
+    average the gradients over the ranks (make_state), so the weights stay the same everywhere."""
     run = start_or_resume(cfg)
     nets, opts, step, ranks = run.nets, run.opts, run.step, run.ranks
     log = TrainingLog(cfg, run.out_dir, step, run.stop, writer=ranks.is_writer)
