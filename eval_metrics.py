@@ -115,7 +115,8 @@ FID_MIN_IMAGES = 2048  # below this FID is biased upward and the 2048x2048 covar
 # --------------------------------------------------------------------------------------------------
 # progress
 # --------------------------------------------------------------------------------------------------
-def _format_seconds(seconds):
+def format_seconds(seconds):
+    """H:MM:SS (M:SS under an hour); "?" when not finite."""
     if not math.isfinite(seconds):
         return "?"
     seconds = int(round(seconds))
@@ -156,9 +157,9 @@ class Progress:
         if self.total:
             eta = (self.total - self.done) / rate if rate > 0 else math.inf
             where = f"{self.done}/{self.total} ({100.0 * self.done / self.total:.0f}%)"
-            timing = f"ETA {_format_seconds(eta)}, elapsed {_format_seconds(elapsed)}"
+            timing = f"ETA {format_seconds(eta)}, elapsed {format_seconds(elapsed)}"
         else:
-            where, timing = f"{self.done}", f"elapsed {_format_seconds(elapsed)}"
+            where, timing = f"{self.done}", f"elapsed {format_seconds(elapsed)}"
         self.stream.write(f"\r{self.desc}: {where} {rate:.1f} {self.unit}/s, {timing}  ")
         self.stream.flush()
         self.printed = True

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from eval_metrics import hist_kl_jsd
+from eval_metrics import format_seconds, hist_kl_jsd
 
 # --------------------------------------------------------------------------------------------------
 # Config
@@ -851,14 +851,6 @@ def phase_costs(groups, cfg, n_iters, warm=2):
 def predicted_seconds(cfg, costs, begin, end):
     """Seconds for iterations begin..end-1 from the per-phase costs."""
     return sum(costs[name] * max(0, min(end, b) - max(begin, a)) for name, a, b in phases(cfg))
-
-
-def format_seconds(seconds):
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 class PhaseProgress:
