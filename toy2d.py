@@ -1110,17 +1110,24 @@ def draw_density(density, span, title):
     return frame_panel(jet(density / peak), span, title)
 
 
-def draw_overview(panels, header):
-    """Panels as a grid (rows: combos, columns: methods) under a header; missing cells white."""
+def draw_overview(panels, header, row_labels=None):
+    """Panels as a grid (rows: combos, columns: methods) under a header, each row under its label
+    if given; missing cells white."""
     n_rows, n_cols = len(panels), len(panels[0])
     cell_w = max(p.width for row in panels for p in row if p is not None)
     cell_h = max(p.height for row in panels for p in row if p is not None)
-    sheet = Image.new("RGB", (n_cols * cell_w, 16 + n_rows * cell_h), "white")
-    ImageDraw.Draw(sheet).text((4, 2), header, fill="black", font=ImageFont.load_default())
+    band = 0 if row_labels is None else 14
+    sheet = Image.new("RGB", (n_cols * cell_w, 16 + n_rows * (band + cell_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    draw.text((4, 2), header, fill="black", font=font)
     for i, row in enumerate(panels):
+        top = 16 + i * (band + cell_h)
+        if row_labels is not None:
+            draw.text((4, top + 1), row_labels[i], fill=(0, 0, 160), font=font)
         for j, panel in enumerate(row):
             if panel is not None:
-                sheet.paste(panel, (j * cell_w, 16 + i * cell_h))
+                sheet.paste(panel, (j * cell_w, top + band))
     return sheet
 
 
@@ -1145,31 +1152,31 @@ def setting(record):
 
 
 def write_overviews(records, out_dir, folders=None):
-    """overview_<dataset>_<seed>.png (+ _<setting> when the records mix settings), laid out like the
-    paper's Fig. 3, from the scatter PNGs (in folders[i] for records[i], else in out_dir)."""
+    """overview_<dataset>_<seed>.png, laid out like the paper's Fig. 3 (rows: combos, columns:
+    methods), from the scatter PNGs (in folders[i] for records[i], else in out_dir). Runs of one
+    combo under different settings (e.g. fp32 and bf16) get a row each, labelled with it."""
     folders = folders or [out_dir] * len(records)
-    keys = dict.fromkeys((r["dataset"], r["seed"], setting(r)) for r in records)
-    for dataset, seed, label in keys:
+    for dataset, seed in dict.fromkeys((r["dataset"], r["seed"]) for r in records):
         mine = [
             (r, folder)
             for r, folder in zip(records, folders)
-            if (r["dataset"], r["seed"], setting(r)) == (dataset, seed, label)
+            if (r["dataset"], r["seed"]) == (dataset, seed)
         ]
-        combos = list(dict.fromkeys(r["combo"] for r, _ in mine))
+        rows = list(dict.fromkeys((r["combo"], setting(r)) for r, _ in mine))
         methods = list(dict.fromkeys(r["method"] for r, _ in mine))
-        panels = [[None] * len(methods) for _ in combos]
+        panels = [[None] * len(methods) for _ in rows]
         for r, folder in mine:
-            path = os.path.join(folder, f"scatter_{run_tag(r)}.png")
-            panels[combos.index(r["combo"])][methods.index(r["method"])] = Image.open(path)
-        first = mine[0][0]
+            cell = rows.index((r["combo"], setting(r))), methods.index(r["method"])
+            panels[cell[0]][cell[1]] = Image.open(os.path.join(folder, f"scatter_{run_tag(r)}.png"))
+        labels = [f"{combo}: {label}" for combo, label in rows]
+        one_setting = len({label for _, label in rows}) == 1
         header = (
-            f"{dataset}, seed {seed}, {first['iters']} iterations, {label}, mapping "
-            f"{first['mapping']}; rows: combos, columns: methods; grey: real points"
+            f"{dataset}, seed {seed}, {mine[0][0]['iters']} iterations, "
+            f"{rows[0][1] if one_setting else 'setting per row'}, mapping {mine[0][0]['mapping']}; "
+            "rows: combos, columns: methods; grey: real points"
         )
-        several = len({key[2] for key in keys}) > 1  # only a combined table mixes settings
-        suffix = "".join(ch if ch.isalnum() else "-" for ch in "_" + label) if several else ""
-        sheet = draw_overview(panels, header)
-        sheet.save(os.path.join(out_dir, f"overview_{dataset}_{seed}{suffix}.png"))
+        sheet = draw_overview(panels, header, row_labels=None if one_setting else labels)
+        sheet.save(os.path.join(out_dir, f"overview_{dataset}_{seed}.png"))
 
 
 def draw_coverage_panel(record, width=300, height=150):

@@ -166,6 +166,23 @@ def test_table_combines_finished_runs_with_the_seed_spread(smoke, tmp_path, caps
     assert "results.json does not exist" in capsys.readouterr().err
 
 
+def test_overview_gives_each_setting_of_a_combo_its_own_labelled_row(smoke, tmp_path):
+    out, _ = smoke
+    records = json.loads((out / "results.json").read_text())
+    with Image.open(out / f"scatter_{toy2d_module.run_tag(records[0])}.png") as image:
+        cell_w, cell_h = image.size
+    mixed = records + [dict(r, precision="bf16") for r in records]
+    toy2d_module.write_overviews(mixed, str(tmp_path), [str(out)] * len(mixed))
+    assert os.listdir(tmp_path) == ["overview_8gaussians_92.png"]
+    with Image.open(tmp_path / "overview_8gaussians_92.png") as image:
+        assert image.size == (4 * cell_w, 16 + 2 * (14 + cell_h))  # rows "C2: protocol", "C2: bf16"
+        label_band = np.asarray(image)[16 + 14 + cell_h : 16 + 14 + cell_h + 14, :80]
+        assert (label_band != 255).any()  # the second row's label is drawn
+    toy2d_module.write_overviews(records, str(tmp_path), [str(out)] * len(records))
+    with Image.open(tmp_path / "overview_8gaussians_92.png") as image:
+        assert image.size == (4 * cell_w, 16 + cell_h)  # one setting: no label bands
+
+
 def test_bad_flag_through_the_real_command_line():
     result = toy2d("--combo", "C4")
     assert result.returncode == 2
