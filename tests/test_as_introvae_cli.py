@@ -1,6 +1,7 @@
-"""as_introvae.py end to end on tiny generated data: one smoke run per model through the command line,
-resume equality (N steps in one go == k steps + resume + N - k steps, bit for bit), --eval with an
-Inception (random weights), and every kind of bad input ending in one line and exit 2."""
+"""as_introvae.py end to end on tiny generated data: one smoke run per model through the command
+line, resume equality (N steps in one go == k steps + resume + N - k steps, bit for bit), --eval
+with an Inception (random weights), and every kind of bad input ending in one line and exit 2."""
+
 import json
 
 import numpy as np
@@ -24,28 +25,71 @@ def data(tmp_path_factory):
 
 
 def tiny_flags(data, out, *extra):
-    return ["--dataset", "npz", "--data-root", str(data / "train.npz"), "--test-root", str(data / "test.npz"),
-            "--channels", "8,16", "--z-dim", "4", "--batch-size", "8", "--epochs", "3", "--log-every", "1",
-            "--img-every", "2", "--ckpt-every", "2", "--fid-samples", "0", "--num-workers", "0", "--out", str(out),
-            *extra]
+    return [
+        "--dataset",
+        "npz",
+        "--data-root",
+        str(data / "train.npz"),
+        "--test-root",
+        str(data / "test.npz"),
+        "--channels",
+        "8,16",
+        "--z-dim",
+        "4",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "3",
+        "--log-every",
+        "1",
+        "--img-every",
+        "2",
+        "--ckpt-every",
+        "2",
+        "--fid-samples",
+        "0",
+        "--num-workers",
+        "0",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def run_cli(args, cwd):
     return run_script("as_introvae.py", args, cwd)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # one smoke run per model through the command line
-# ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model, extra", [("asintrovae", ["--fid-samples", "8"]), ("asintrovae", ["--variant", "official"]),
-                                          ("sintrovae", ["--num-vae", "1"]), ("introvae", []), ("vae", [])])
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "model, extra",
+    [
+        ("asintrovae", ["--fid-samples", "8"]),
+        ("asintrovae", ["--variant", "official"]),
+        ("sintrovae", ["--num-vae", "1"]),
+        ("introvae", []),
+        ("vae", []),
+    ],
+)
 def test_smoke_run_per_model(data, tmp_path, model, extra):
     out = tmp_path / "run"
     result = run_cli(tiny_flags(data, out, "--model", model, "--max-iters", "4", *extra), tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith(f"new run {out}: {model}")
-    for name in ("config.json", "log.jsonl", "curves.png", "grid_0000002.png", "grid_0000004.png", "checkpoint.pt",
-                 "results.json", "samples.png", "interpolation.png", "reconstruction.png"):
+    for name in (
+        "config.json",
+        "log.jsonl",
+        "curves.png",
+        "grid_0000002.png",
+        "grid_0000004.png",
+        "checkpoint.pt",
+        "results.json",
+        "samples.png",
+        "interpolation.png",
+        "reconstruction.png",
+    ):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -53,18 +97,34 @@ def test_smoke_run_per_model(data, tmp_path, model, extra):
     assert loss_keys <= set(records[-1]) and "img_per_s" in records[-1]
     if model == "asintrovae":
         assert {"as_dist", "c", "exp_elbo_rec", "exp_elbo_fake"} <= set(records[-1])
-        # T = 3 iterations/epoch * 3 epochs = 9; c is logged for the last step of each record (t = step - 1)
+        # T = 3 iterations/epoch * 3 epochs = 9; c is logged for the last step of each record (t =
+        # step - 1)
         schedule = "tanh" if "official" in extra else "linear"
-        assert [r["c"] for r in records] == [asv.annealing_coefficient(r["step"] - 1, 9, schedule) for r in records]
+        assert [r["c"] for r in records] == [
+            asv.annealing_coefficient(r["step"] - 1, 9, schedule) for r in records
+        ]
     results = json.loads((out / "results.json").read_text())
     rec = results["reconstruction"]
-    assert rec["split"] == "test" and rec["images"] == 12 and 0 < rec["mse"] < 1 and 0 < rec["psnr"] < 60
+    assert (
+        rec["split"] == "test"
+        and rec["images"] == 12
+        and 0 < rec["mse"] < 1
+        and 0 < rec["psnr"] < 60
+    )
     assert results["step"] == 4 and results["bn_mode"] == "train"
     with Image.open(out / "samples.png") as grid:
         assert grid.size == (8 * 18 + 2, 8 * 18 + 2)  # 8 x 8 images of 16 px, 2 px padding
-    if "--fid-samples" in extra:  # no weights offline: one line on how to provide them, the rest still ran
+    if (
+        "--fid-samples" in extra
+    ):  # no weights offline: one line on how to provide them, the rest still ran
         assert results["fid"]["value"] is None
-        assert sum("FID skipped" in line and "--fid-weights" in line for line in result.stdout.splitlines()) == 1
+        assert (
+            sum(
+                "FID skipped" in line and "--fid-weights" in line
+                for line in result.stdout.splitlines()
+            )
+            == 1
+        )
 
 
 def test_folder_dataset_and_real_cli_exit_code(tmp_path):
@@ -73,35 +133,70 @@ def test_folder_dataset_and_real_cli_exit_code(tmp_path):
     for i, image in enumerate(pattern_images(6, 2, size=20)):  # resized to --image-size 16
         Image.fromarray(image).save(folder / f"{i}.png")
     out = tmp_path / "run"
-    args = ["--dataset", "folder", "--data-root", str(folder), "--image-size", "16", "--channels", "8,16", "--z-dim", "4",
-            "--batch-size", "4", "--epochs", "1", "--model", "vae", "--fid-samples", "0", "--num-workers", "0",
-            "--out", str(out)]
+    args = [
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(folder),
+        "--image-size",
+        "16",
+        "--channels",
+        "8,16",
+        "--z-dim",
+        "4",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--model",
+        "vae",
+        "--fid-samples",
+        "0",
+        "--num-workers",
+        "0",
+        "--out",
+        str(out),
+    ]
     result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["reconstruction"]["split"].startswith("train") and results["reconstruction"]["images"] == 6
+    assert (
+        results["reconstruction"]["split"].startswith("train")
+        and results["reconstruction"]["images"] == 6
+    )
     result = run_cli(["--dataset", "folder", "--data-root", str(tmp_path / "nowhere")], tmp_path)
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+    assert (
+        result.returncode == 2
+        and result.stderr.strip().count("\n") == 0
+        and "does not exist" in result.stderr
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # resume: N steps in one go == k steps + resume + N - k steps, exactly
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_resume_equals_one_go(data, tmp_path, capsys):
     flags = ["--hflip", "1", "--ckpt-every", "3"]  # hflip draws from the training RNG every step
     assert asv.main(tiny_flags(data, tmp_path / "one_go", "--max-iters", "7", *flags)) == 0
-    assert asv.main(tiny_flags(data, tmp_path / "resumed", "--max-iters", "4", *flags)) == 0  # k = 4: mid-epoch 2
-    with open(tmp_path / "resumed" / "log.jsonl", "a") as log_file:  # as if killed after logging step 5, before its checkpoint
+    assert (
+        asv.main(tiny_flags(data, tmp_path / "resumed", "--max-iters", "4", *flags)) == 0
+    )  # k = 4: mid-epoch 2
+    with open(
+        tmp_path / "resumed" / "log.jsonl", "a"
+    ) as log_file:  # as if killed after logging step 5, before its checkpoint
         log_file.write(json.dumps({"step": 5, "epoch": 2, "loss_e": 0.0}) + "\n")
     capsys.readouterr()
     assert asv.main(tiny_flags(data, tmp_path / "resumed", "--max-iters", "7", *flags)) == 0
     first_line = capsys.readouterr().out.splitlines()[0]
     c_at_4 = asv.annealing_coefficient(4, 9)
-    assert first_line == f"resuming from {tmp_path / 'resumed' / 'checkpoint.pt'} at step 4 of 9 (c = {c_at_4:.6f})"
+    checkpoint = tmp_path / "resumed" / "checkpoint.pt"
+    assert first_line == f"resuming from {checkpoint} at step 4 of 9 (c = {c_at_4:.6f})"
 
     one = torch.load(tmp_path / "one_go" / "checkpoint.pt", weights_only=True)
     two = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
-    assert one["step"] == two["step"] == 7 and one["epoch"] == two["epoch"] == 2  # 3 iterations per epoch
+    assert (
+        one["step"] == two["step"] == 7 and one["epoch"] == two["epoch"] == 2
+    )  # 3 iterations per epoch
     for part in ("nets", "opts", "rng"):
         assert_identical(one[part], two[part], part)
 
@@ -110,21 +205,35 @@ def test_resume_equals_one_go(data, tmp_path, capsys):
         return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines]
 
     assert log("one_go") == log("resumed")  # nothing lost, nothing logged twice
-    assert json.loads((tmp_path / "one_go" / "results.json").read_text())["reconstruction"] == \
-        json.loads((tmp_path / "resumed" / "results.json").read_text())["reconstruction"]
+    assert (
+        json.loads((tmp_path / "one_go" / "results.json").read_text())["reconstruction"]
+        == json.loads((tmp_path / "resumed" / "results.json").read_text())["reconstruction"]
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # --eval alone, with a (random-weight) FID Inception
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_eval_checkpoint_with_fid(data, tmp_path, capsys):
     assert asv.main(tiny_flags(data, tmp_path / "run", "--max-iters", "2")) == 0
     weights = tmp_path / "inception.pt"
     torch.save(eval_metrics.InceptionV3FID().state_dict(), weights)
     out = tmp_path / "eval"
     with pytest.warns(eval_metrics.MetricWarning):
-        code = asv.main(["--eval", str(tmp_path / "run" / "checkpoint.pt"), "--fid-weights", str(weights),
-                         "--fid-samples", "5", "--eval-images", "8", "--out", str(out)])
+        code = asv.main(
+            [
+                "--eval",
+                str(tmp_path / "run" / "checkpoint.pt"),
+                "--fid-weights",
+                str(weights),
+                "--fid-samples",
+                "5",
+                "--eval-images",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert np.isfinite(results["fid"]["value"]) and results["fid"]["value"] >= 0
@@ -133,16 +242,30 @@ def test_eval_checkpoint_with_fid(data, tmp_path, capsys):
     assert (out / "samples.png").is_file() and (out / "interpolation.png").is_file()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # bad input: one line, exit 2
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def bad_folder(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(pattern_images(1, 0)[0]).save(folder / "a.png")
     (folder / "b.png").write_bytes(b"not a png at all")
-    return ["--dataset", "folder", "--data-root", str(folder), "--image-size", "16", "--channels", "8,16",
-            "--batch-size", "2", "--num-workers", "0", "--out", str(tmp_path / "r")]
+    return [
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(folder),
+        "--image-size",
+        "16",
+        "--channels",
+        "8,16",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--out",
+        str(tmp_path / "r"),
+    ]
 
 
 def corrupt_checkpoint(tmp_path):
@@ -165,14 +288,29 @@ BAD_INPUTS = {
     "unknown dataset": (lambda tmp, data: ["--dataset", "imagenet"], "invalid choice"),
     "mistyped value": (lambda tmp, data: ["--batch-size", "sixty"], "invalid int value"),
     "unknown flag": (lambda tmp, data: ["--learning-rate", "1"], "unrecognized arguments"),
-    "missing folder": (lambda tmp, data: ["--dataset", "oxford", "--data-root", str(tmp / "none")], "does not exist"),
+    "missing folder": (
+        lambda tmp, data: ["--dataset", "oxford", "--data-root", str(tmp / "none")],
+        "does not exist",
+    ),
     "empty folder": (lambda tmp, data: empty_folder(tmp), "no images"),
     "unreadable image": (lambda tmp, data: bad_folder(tmp), "unreadable image"),
-    "missing npz": (lambda tmp, data: ["--dataset", "npz", "--data-root", str(tmp / "x.npz")], "no such .npz"),
-    "wrong size": (lambda tmp, data: tiny_flags(data, tmp / "r", "--image-size", "32"), "this run expects"),
+    "missing npz": (
+        lambda tmp, data: ["--dataset", "npz", "--data-root", str(tmp / "x.npz")],
+        "no such .npz",
+    ),
+    "wrong size": (
+        lambda tmp, data: tiny_flags(data, tmp / "r", "--image-size", "32"),
+        "this run expects",
+    ),
     "corrupt checkpoint": (lambda tmp, data: corrupt_checkpoint(tmp), "cannot read checkpoint"),
-    "foreign checkpoint": (lambda tmp, data: foreign_checkpoint(tmp), "not an as_introvae.py checkpoint"),
-    "NaN loss": (lambda tmp, data: tiny_flags(data, tmp / "r", "--lr", "1e30"), "non-finite loss at step 1"),
+    "foreign checkpoint": (
+        lambda tmp, data: foreign_checkpoint(tmp),
+        "not an as_introvae.py checkpoint",
+    ),
+    "NaN loss": (
+        lambda tmp, data: tiny_flags(data, tmp / "r", "--lr", "1e30"),
+        "non-finite loss at step 1",
+    ),
 }
 
 

@@ -1,6 +1,8 @@
-"""as_introvae.py's AVAE-S models end to end on tiny generated 32 px data (the Gabor bank needs 17 px): one smoke
-run per model through the command line, resume equality across the lambda probe and the pretrain -> adversarial
-boundary, --eval with FID at the four Inception depths (random weights), and bad input ending in one line."""
+"""as_introvae.py's AVAE-S models end to end on tiny generated 32 px data (the Gabor bank needs 17
+px): one smoke run per model through the command line, resume equality across the lambda probe and
+the pretrain -> adversarial boundary, --eval with FID at the four Inception depths (random weights),
+and bad input ending in one line."""
+
 import json
 
 import numpy as np
@@ -26,21 +28,56 @@ def data(tmp_path_factory):
 
 
 def tiny_flags(data, out, *extra):
-    return ["--dataset", "npz", "--data-root", str(data / "train.npz"), "--test-root", str(data / "test.npz"),
-            "--channels", "8,16", "--z-dim", "4", "--batch-size", "8", "--log-every", "1", "--img-every", "3",
-            "--ckpt-every", "3", "--fid-samples", "0", "--num-workers", "0", "--out", str(out), *extra]
+    return [
+        "--dataset",
+        "npz",
+        "--data-root",
+        str(data / "train.npz"),
+        "--test-root",
+        str(data / "test.npz"),
+        "--channels",
+        "8,16",
+        "--z-dim",
+        "4",
+        "--batch-size",
+        "8",
+        "--log-every",
+        "1",
+        "--img-every",
+        "3",
+        "--ckpt-every",
+        "3",
+        "--fid-samples",
+        "0",
+        "--num-workers",
+        "0",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def run_cli(args, cwd):
     return run_script("as_introvae.py", args, cwd)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # one smoke run per model through the command line
-# ---------------------------------------------------------------------------------------------------
-SMOKE = {"vae-s": ["--epochs", "2", "--lambda-batches", "2"],
-         "avae": ["--pretrain-epochs", "1", "--adv-epochs", "1"],
-         "avae-s": ["--pretrain-epochs", "1", "--adv-epochs", "1", "--lambda-batches", "2", "--arch", "avae"]}
+# --------------------------------------------------------------------------------------------------
+SMOKE = {
+    "vae-s": ["--epochs", "2", "--lambda-batches", "2"],
+    "avae": ["--pretrain-epochs", "1", "--adv-epochs", "1"],
+    "avae-s": [
+        "--pretrain-epochs",
+        "1",
+        "--adv-epochs",
+        "1",
+        "--lambda-batches",
+        "2",
+        "--arch",
+        "avae",
+    ],
+}
 
 
 @pytest.mark.parametrize("model", list(SMOKE))
@@ -57,42 +94,80 @@ def test_smoke_run_per_model(data, tmp_path, model):
     results = json.loads((out / "results.json").read_text())
     rec = results["reconstruction"]
     assert rec["images"] == 10 and 0 < rec["cosine"] <= 1 and 0 < rec["mse"] < 1
-    assert "65025" in results["sharpness"]["note"] and results["sharpness"]["reconstructed"]["mean"] > 0
-    if model in asv.SHARP_MODELS:  # the lambdas froze after 2 batches, said once, and train every later batch
+    assert (
+        "65025" in results["sharpness"]["note"]
+        and results["sharpness"]["reconstructed"]["mean"] > 0
+    )
+    if (
+        model in asv.SHARP_MODELS
+    ):  # the lambdas froze after 2 batches, said once, and train every later batch
         terms = {f"term_{name}" for name in asv.REC_TERMS}
         assert terms | {"tc", "loss", "rec", "kl_real"} <= set(records[0])
         frozen = state["avae_s"]["rec_weights"]
-        assert state["avae_s"]["term_count"] == 2 and frozen["mse"] == 1.0 and results["avae_s"]["rec_weights"] == frozen
-        assert sum(line.startswith("AVAE-S Eq. 5 lambdas, frozen after 2 probe batches") for line in lines) == 1
+        assert (
+            state["avae_s"]["term_count"] == 2
+            and frozen["mse"] == 1.0
+            and results["avae_s"]["rec_weights"] == frozen
+        )
+        assert (
+            sum(
+                line.startswith("AVAE-S Eq. 5 lambdas, frozen after 2 probe batches")
+                for line in lines
+            )
+            == 1
+        )
         for r in records[:2]:  # probe: trained on the SSE alone
             assert r["rec"] == pytest.approx(r["term_mse"], rel=1e-6)
         r = records[2]
-        assert r["rec"] == pytest.approx(sum(frozen[name] * r[f"term_{name}"] for name in asv.REC_TERMS), rel=1e-5)
-    if model in asv.ADVERSARIAL_MODELS:  # epoch 1 pre-trains, epoch 2 fine-tunes against the discriminator
+        assert r["rec"] == pytest.approx(
+            sum(frozen[name] * r[f"term_{name}"] for name in asv.REC_TERMS), rel=1e-5
+        )
+    if (
+        model in asv.ADVERSARIAL_MODELS
+    ):  # epoch 1 pre-trains, epoch 2 fine-tunes against the discriminator
         gates = {"loss_dis", "loss_adv", "disc_acc", "train_disc", "use_adv"}
         assert not gates & set(records[2]) and gates <= set(records[3])
-        assert all(0 <= r[k] <= 1 for r in records[3:] for k in ("disc_acc", "train_disc", "use_adv"))
+        assert all(
+            0 <= r[k] <= 1 for r in records[3:] for k in ("disc_acc", "train_disc", "use_adv")
+        )
         assert {"disc"} <= set(state["nets"]) and {"disc"} <= set(state["opts"])
         assert state["avae_s"]["phase"] == results["avae_s"]["phase"] == "adversarial"
     if model == "avae-s":
-        assert results["arch"] == "avae" and "fc_logvar.weight" in state["nets"]["encoder"]  # Table I nets
+        assert (
+            results["arch"] == "avae" and "fc_logvar.weight" in state["nets"]["encoder"]
+        )  # Table I nets
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # resume across the lambda probe and the pretrain -> adversarial boundary, exactly
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_resume_equals_one_go_across_probe_and_phase(data, tmp_path, capsys):
-    flags = ["--model", "avae-s", "--pretrain-epochs", "1", "--adv-epochs", "1", "--lambda-batches", "2",
-             "--hflip", "1"]
+    flags = [
+        "--model",
+        "avae-s",
+        "--pretrain-epochs",
+        "1",
+        "--adv-epochs",
+        "1",
+        "--lambda-batches",
+        "2",
+        "--hflip",
+        "1",
+    ]
     assert asv.main(tiny_flags(data, tmp_path / "one_go", *flags)) == 0
-    assert asv.main(tiny_flags(data, tmp_path / "resumed", "--max-iters", "1", *flags)) == 0  # mid-probe
+    assert (
+        asv.main(tiny_flags(data, tmp_path / "resumed", "--max-iters", "1", *flags)) == 0
+    )  # mid-probe
     middle = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["avae_s"]
     assert (middle["term_count"], middle["rec_weights"], middle["phase"]) == (1, None, "pretrain")
-    assert asv.main(tiny_flags(data, tmp_path / "resumed", "--max-iters", "4", *flags)) == 0  # into the adversarial
+    assert (
+        asv.main(tiny_flags(data, tmp_path / "resumed", "--max-iters", "4", *flags)) == 0
+    )  # into the adversarial
     capsys.readouterr()
     assert asv.main(tiny_flags(data, tmp_path / "resumed", *flags)) == 0
     first_line = capsys.readouterr().out.splitlines()[0]
-    assert first_line == f"resuming from {tmp_path / 'resumed' / 'checkpoint.pt'} at step 4 of 6 (phase adversarial)"
+    checkpoint = tmp_path / "resumed" / "checkpoint.pt"
+    assert first_line == f"resuming from {checkpoint} at step 4 of 6 (phase adversarial)"
     one = torch.load(tmp_path / "one_go" / "checkpoint.pt", weights_only=True)
     two = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert one["step"] == two["step"] == 6
@@ -106,9 +181,9 @@ def test_resume_equals_one_go_across_probe_and_phase(data, tmp_path, capsys):
     assert log("one_go") == log("resumed")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # --eval: FID at the four depths (random Inception weights)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_eval_reports_fid_at_four_depths(data, tmp_path, capsys):
     flags = ["--model", "avae", "--pretrain-epochs", "1", "--adv-epochs", "1", "--max-iters", "4"]
     assert asv.main(tiny_flags(data, tmp_path / "run", *flags)) == 0
@@ -117,8 +192,20 @@ def test_eval_reports_fid_at_four_depths(data, tmp_path, capsys):
     torch.save(eval_metrics.InceptionV3FID().state_dict(), weights)
     capsys.readouterr()
     with pytest.warns(eval_metrics.MetricWarning):
-        code = asv.main(["--eval", str(tmp_path / "run" / "checkpoint.pt"), "--fid-weights", str(weights),
-                         "--fid-samples", "4", "--eval-images", "10", "--out", str(tmp_path / "eval")])
+        code = asv.main(
+            [
+                "--eval",
+                str(tmp_path / "run" / "checkpoint.pt"),
+                "--fid-weights",
+                str(weights),
+                "--fid-samples",
+                "4",
+                "--eval-images",
+                "10",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
     assert code == 0
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     fid = results["fid"]
@@ -129,16 +216,37 @@ def test_eval_reports_fid_at_four_depths(data, tmp_path, capsys):
     assert "only 2048-d is comparable across papers" in capsys.readouterr().out
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # bad input: one line, exit 2
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 BAD_INPUTS = {
-    "epochs with avae": (lambda data, tmp: tiny_flags(data, tmp, "--model", "avae", "--epochs", "3"), "--epochs does not"),
-    "Table I at 28 px": (lambda data, tmp: ["--dataset", "mnist", "--arch", "avae"], "divisible by 16"),
-    "Gabor larger than the image": (lambda data, tmp: ["--dataset", "mnist", "--model", "vae-s", "--image-size", "16",
-                                                       "--channels", "8"], "at least 17 px"),
-    "last batch of 1": (lambda data, tmp: tiny_flags(data, tmp, "--model", "vae-s", "--data-root",
-                                                     str(data / "train25.npz")), "ends on a batch of 1"),
+    "epochs with avae": (
+        lambda data, tmp: tiny_flags(data, tmp, "--model", "avae", "--epochs", "3"),
+        "--epochs does not",
+    ),
+    "Table I at 28 px": (
+        lambda data, tmp: ["--dataset", "mnist", "--arch", "avae"],
+        "divisible by 16",
+    ),
+    "Gabor larger than the image": (
+        lambda data, tmp: [
+            "--dataset",
+            "mnist",
+            "--model",
+            "vae-s",
+            "--image-size",
+            "16",
+            "--channels",
+            "8",
+        ],
+        "at least 17 px",
+    ),
+    "last batch of 1": (
+        lambda data, tmp: tiny_flags(
+            data, tmp, "--model", "vae-s", "--data-root", str(data / "train25.npz")
+        ),
+        "ends on a batch of 1",
+    ),
     "unknown estimator": (lambda data, tmp: ["--tc-estimator", "mine"], "invalid choice"),
 }
 

@@ -1,4 +1,6 @@
-"""toy2d.py: datasets, schedules, AS-Distance, losses (hand-worked), stepping, batching, gnELBO, modes."""
+"""toy2d.py: datasets, schedules, AS-Distance, losses (hand-worked), stepping, batching, gnELBO,
+modes."""
+
 import dataclasses
 import math
 
@@ -15,7 +17,8 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-# ---------------------------------------------------------------------------------------------------- data
+# --------------------------------------------------------------------------------------------------
+# data
 
 
 def test_8gaussians_centres_radius_and_noise():
@@ -38,7 +41,8 @@ def test_checkerboard_support_and_squares():
     assert np.abs(points).max() <= 4
     modes, n_modes, inside = toy2d.mode_stats(points, "checkerboard")
     assert (modes, n_modes, inside) == (8, 8, 1.0)
-    # the 8 black squares of side 2 at (x, y) cells with floor(x/2) = floor(y/2) mod 2, each 1/8 of the mass
+    # the 8 black squares of side 2 at (x, y) cells with floor(x/2) = floor(y/2) mod 2, each 1/8 of
+    # the mass
     cells = np.floor(points / 2).astype(int)
     assert np.all(cells[:, 0] % 2 == cells[:, 1] % 2)
     _, counts = np.unique(cells[:, 0] * 10 + cells[:, 1], return_counts=True)
@@ -103,29 +107,44 @@ def test_mode_stats_hand_cases():
     assert all(math.isnan(v) for v in toy2d.mode_stats(points, "spiral"))
 
 
-# ---------------------------------------------------------------------------------------------------- schedules
+# --------------------------------------------------------------------------------------------------
+# schedules
 
 
 def test_annealing_and_learning_rate_schedules():
     T = 30000
-    assert [toy2d.annealing_coefficient(t, T, "linear") for t in (0, 3000, 6000, 29999)] == [0.0, 0.5, 1.0, 1.0]
+    assert [toy2d.annealing_coefficient(t, T, "linear") for t in (0, 3000, 6000, 29999)] == [
+        0.0,
+        0.5,
+        1.0,
+        1.0,
+    ]
     official = [toy2d.annealing_coefficient(t, T, "tanh") for t in (0, 3000, 6000, 29999)]
-    assert official == pytest.approx([0.0, 0.46211715726, 0.76159415596, math.tanh(5 * 29999 / 30000)])
+    assert official == pytest.approx(
+        [0.0, 0.46211715726, 0.76159415596, math.tanh(5 * 29999 / 30000)]
+    )
     assert toy2d.schedule(30000) == (2000, (10000, 15000))
     assert toy2d.schedule(3000) == (200, (1000, 1500))
-    lrs = [toy2d.learning_rate(t, 2e-4, (10000, 15000)) for t in (0, 9999, 10000, 14999, 15000, 29999)]
+    lrs = [
+        toy2d.learning_rate(t, 2e-4, (10000, 15000)) for t in (0, 9999, 10000, 14999, 15000, 29999)
+    ]
     assert lrs == pytest.approx([2e-4, 2e-4, 2e-5, 2e-5, 2e-6, 2e-6])
 
 
 def test_phases_and_predicted_time_closed_form():
     cfg = toy2d.Config()
-    assert toy2d.phases(cfg) == [("warm-up", 0, 2000), ("AS active", 2000, 6000),
-                                 ("adversarial", 6000, 30000)]
+    assert toy2d.phases(cfg) == [
+        ("warm-up", 0, 2000),
+        ("AS active", 2000, 6000),
+        ("adversarial", 6000, 30000),
+    ]
     costs = {"warm-up": 1.0, "AS active": 2.0, "adversarial": 3.0}
     assert toy2d.predicted_seconds(cfg, costs, 0, 30000) == 2000 + 2 * 4000 + 3 * 24000
     assert toy2d.predicted_seconds(cfg, costs, 1000, 7000) == 1000 + 2 * 4000 + 3 * 1000
-    assert toy2d.phases(toy2d.Config(schedule="tanh")) == [("warm-up", 0, 2000),
-                                                          ("AS active", 2000, 30000)]
+    assert toy2d.phases(toy2d.Config(schedule="tanh")) == [
+        ("warm-up", 0, 2000),
+        ("AS active", 2000, 30000),
+    ]
     assert toy2d.phases(toy2d.Config(variant="official"))[-1] == ("AS active", 2000, 30000)
     assert toy2d.phases(toy2d.Config(warmup=0))[0] == ("AS active", 0, 6000)
     assert toy2d.schedule(1500) == (100, (500, 750)) and toy2d.schedule(1500, 0)[0] == 0
@@ -174,13 +193,14 @@ def test_combo_mappings():
     assert toy2d.combo_betas("tuned", "checkerboard", "literal") == (0.1, 0.2, 0.2)
 
 
-# ---------------------------------------------------------------------------------------------------- AS-Distance
+# --------------------------------------------------------------------------------------------------
+# AS-Distance
 
 
 def mixture_marginal(u, mu, logvar):
     """(1/B) sum_i N(u; mu_i, v_i) for one latent dimension, u (U,), mu, logvar (B,)."""
     var = np.exp(logvar)
-    return np.mean(np.exp(-(u[:, None] - mu) ** 2 / (2 * var)) / np.sqrt(2 * np.pi * var), axis=1)
+    return np.mean(np.exp(-((u[:, None] - mu) ** 2) / (2 * var)) / np.sqrt(2 * np.pi * var), axis=1)
 
 
 def test_as_distance_equals_integrated_squared_difference_of_marginals():
@@ -193,12 +213,21 @@ def test_as_distance_equals_integrated_squared_difference_of_marginals():
     def trapezoid(f):  # the trapezoid rule on the uniform grid u (np.trapezoid needs numpy >= 2)
         return (u[1] - u[0]) * (f.sum() - 0.5 * (f[0] + f[-1]))
 
-    expected = sum(trapezoid((mixture_marginal(u, mu_a[:, d], lv_a[:, d])
-                              - mixture_marginal(u, mu_b[:, d], lv_b[:, d])) ** 2) for d in range(D))
+    expected = sum(
+        trapezoid(
+            (
+                mixture_marginal(u, mu_a[:, d], lv_a[:, d])
+                - mixture_marginal(u, mu_b[:, d], lv_b[:, d])
+            )
+            ** 2
+        )
+        for d in range(D)
+    )
     t = [torch.tensor(v) for v in (mu_a, lv_a, mu_b, lv_b)]
     got = toy2d.as_distance(*t).item()
     assert got == pytest.approx(expected, rel=1e-8)
-    # the official reductions (no 2 pi): sum over B*B*D = sqrt(2 pi) B^2 * paper; mean = sqrt(2 pi) / D * paper
+    # the official reductions (no 2 pi): sum over B*B*D = sqrt(2 pi) B^2 * paper; mean = sqrt(2 pi)
+    # / D * paper
     got_sum = toy2d.as_distance(*t, reduction="official_sum").item()
     got_mean = toy2d.as_distance(*t, reduction="official_mean").item()
     assert got_sum == pytest.approx(math.sqrt(2 * math.pi) * B * B * expected, rel=1e-8)
@@ -215,19 +244,27 @@ def test_as_distance_zero_on_itself_nonnegative_and_batched():
     torch.manual_seed(0)
     mu = torch.randn(7, 16, 2, dtype=torch.float64)
     logvar = torch.randn(7, 16, 2, dtype=torch.float64)
-    assert torch.allclose(toy2d.as_distance(mu, logvar, mu, logvar), torch.zeros(7, dtype=torch.float64),
-                          atol=1e-14)
-    other_mu, other_lv = torch.randn(7, 16, 2, dtype=torch.float64), torch.randn(7, 16, 2, dtype=torch.float64)
+    assert torch.allclose(
+        toy2d.as_distance(mu, logvar, mu, logvar), torch.zeros(7, dtype=torch.float64), atol=1e-14
+    )
+    other_mu, other_lv = (
+        torch.randn(7, 16, 2, dtype=torch.float64),
+        torch.randn(7, 16, 2, dtype=torch.float64),
+    )
     stacked = toy2d.as_distance(mu, logvar, other_mu, other_lv)
     assert stacked.shape == (7,) and (stacked > 0).all()
     single = toy2d.as_distance(mu[3], logvar[3], other_mu[3], other_lv[3])
     assert single.item() == pytest.approx(stacked[3].item(), rel=1e-12)
-    # a pair of identical single Gaussians at distance 0 vs two far apart: 2 * 1/sqrt(4 pi v) per dimension
-    far = toy2d.as_distance(torch.zeros(1, 1), torch.zeros(1, 1), torch.full((1, 1), 100.0), torch.zeros(1, 1))
+    # a pair of identical single Gaussians at distance 0 vs two far apart: 2 * 1/sqrt(4 pi v) per
+    # dimension
+    far = toy2d.as_distance(
+        torch.zeros(1, 1), torch.zeros(1, 1), torch.full((1, 1), 100.0), torch.zeros(1, 1)
+    )
     assert far.item() == pytest.approx(2 / math.sqrt(4 * math.pi), rel=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------- losses
+# --------------------------------------------------------------------------------------------------
+# losses
 
 
 def T(*rows):
@@ -236,24 +273,32 @@ def T(*rows):
 
 def test_sse_and_kl_by_hand():
     assert toy2d.sse(T([1.0, 0.0], [0.0, 1.0]), T([1.0, 0.0], [0.0, 0.0])).tolist() == [0.0, 1.0]
-    kl = toy2d.kl_divergence(T([0.0, 0.0], [1.0, 0.0], [0.0, 0.0]), T([0.0, 0.0], [0.0, 0.0], [math.log(2), 0.0]))
+    kl = toy2d.kl_divergence(
+        T([0.0, 0.0], [1.0, 0.0], [0.0, 0.0]), T([0.0, 0.0], [0.0, 0.0], [math.log(2), 0.0])
+    )
     assert kl.tolist() == pytest.approx([0.0, 0.5, 0.5 * (1 - math.log(2))])
 
 
 def test_vae_and_introvae_losses_by_hand():
     sse_real, kl_real = T(0.0, 1.0), T(0.0, 0.5)
     # 0.5 * [0, 1] + 2 * [0, 0.5] = [0, 1.5] -> 0.75
-    assert toy2d.vae_loss(sse_real, kl_real, beta_rec=0.5, beta_kl=2.0).item() == pytest.approx(0.75)
+    assert toy2d.vae_loss(sse_real, kl_real, beta_rec=0.5, beta_kl=2.0).item() == pytest.approx(
+        0.75
+    )
     # B = 3: 0.5 * [0, 1, 2] + 2 * [1, 0, 0.5] = [2, 0.5, 2] -> mean 1.5 (a sum would give 4.5)
     loss = toy2d.vae_loss(T(0.0, 1.0, 2.0), T(1.0, 0.0, 0.5), beta_rec=0.5, beta_kl=2.0)
     assert loss.item() == pytest.approx(1.5)
     kl_r, kl_f = T(1.0, 3.0), T(4.0, 6.0)  # batch means 2 and 5; margin 3 -> hinges 1 and 0
     # 0.5 * 0.5 + 2 * (0.25 + 0.5 * 1 * (1 + 0)) = 1.75
     hp = dict(margin=3.0, beta_rec=0.5, beta_kl=2.0, beta_neg=1.0)
-    assert toy2d.intro_encoder_loss(sse_real, kl_real, kl_r, kl_f, **hp).item() == pytest.approx(1.75)
+    assert toy2d.intro_encoder_loss(sse_real, kl_real, kl_r, kl_f, **hp).item() == pytest.approx(
+        1.75
+    )
     # beta_neg 0.5: 0.25 + 2 * (0.25 + 0.25 * 1) = 1.25
     hp["beta_neg"] = 0.5
-    assert toy2d.intro_encoder_loss(sse_real, kl_real, kl_r, kl_f, **hp).item() == pytest.approx(1.25)
+    assert toy2d.intro_encoder_loss(sse_real, kl_real, kl_r, kl_f, **hp).item() == pytest.approx(
+        1.25
+    )
     # 0.5 * 0.5 + 0.5 * 2 * (2 + 5) = 7.25
     dec = toy2d.intro_decoder_loss(sse_real, kl_r, kl_f, beta_rec=0.5, beta_kl=2.0)
     assert dec.item() == pytest.approx(7.25)
@@ -261,23 +306,44 @@ def test_vae_and_introvae_losses_by_hand():
 
 def test_soft_and_as_losses_by_hand():
     e = math.e
-    args = dict(rec_err=T(0.0, 1.0), kl_real=T(0.0, 0.5), rec_err_r=T(1.0, 0.0), kl_r=T(0.0, 1.0),
-                rec_err_f=T(0.0, 2.0), kl_f=T(1.0, 1.0), beta_rec=1.0, beta_kl=1.0, beta_neg=1.0, s=0.5)
+    args = dict(
+        rec_err=T(0.0, 1.0),
+        kl_real=T(0.0, 0.5),
+        rec_err_r=T(1.0, 0.0),
+        kl_r=T(0.0, 1.0),
+        rec_err_f=T(0.0, 2.0),
+        kl_f=T(1.0, 1.0),
+        beta_rec=1.0,
+        beta_kl=1.0,
+        beta_neg=1.0,
+        s=0.5,
+    )
     # c = 1 (Soft-IntroVAE): 0.5 * (0.5 + 0.25) + 0.25 * (mean[e^-1, e^-1] + mean[e^-1, e^-3])
     soft, exp_r, exp_f = toy2d.as_intro_encoder_loss(as_dist=123.0, c=1.0, **args)
-    assert soft.item() == pytest.approx(0.375 + 0.375 / e + 0.125 / e ** 3)
-    assert (exp_r.item(), exp_f.item()) == pytest.approx((1 / e, 0.5 / e + 0.5 / e ** 3))
+    assert soft.item() == pytest.approx(0.375 + 0.375 / e + 0.125 / e**3)
+    assert (exp_r.item(), exp_f.item()) == pytest.approx((1 / e, 0.5 / e + 0.5 / e**3))
     # c = 0.5, AS = 2: exponents r [2, 1.5], f [1.5, 3.5]
     mixed = toy2d.as_intro_encoder_loss(as_dist=2.0, c=0.5, **args)[0].item()
-    assert mixed == pytest.approx(0.375 + 0.125 * (e ** -2 + 2 * e ** -1.5 + e ** -3.5))
+    assert mixed == pytest.approx(0.375 + 0.125 * (e**-2 + 2 * e**-1.5 + e**-3.5))
     # weights other than 1 (beta_rec 0.5, beta_kl 2, beta_neg 0.25), c = 0.5, AS = 2:
-    # real term s * (0.5 [0, 1] + 2 [0, 0.5]) = [0, 0.75]; ELBO_r = [0.75, 0.375], ELBO_f = [0.375, 1.375]
+    # real term s * (0.5 [0, 1] + 2 [0, 0.5]) = [0, 0.75]; ELBO_r = [0.75, 0.375], ELBO_f = [0.375,
+    # 1.375]
     args.update(beta_rec=0.5, beta_kl=2.0, beta_neg=0.25)
     weighted = toy2d.as_intro_encoder_loss(as_dist=2.0, c=0.5, **args)[0].item()
-    assert weighted == pytest.approx(0.375 + 0.125 * (e ** -0.75 + 2 * e ** -0.375 + e ** -1.375))
-    dec = dict(rec_err=T(0.0, 1.0), kl_r=T(0.0, 1.0), kl_f=T(1.0, 1.0), rec_err_rr=T(2.0, 0.0),
-               rec_err_rf=T(0.0, 4.0), beta_rec=1.0, beta_kl=1.0, gamma_r=0.1, s=0.5)
-    # paper (Eq. 9, AS once per q = r, f): 0.5 * (0.5 + 0.5 * (0.5 * (0.5 + 1) + 2 * 0.5 * 2) + 0.1 * 0.5 * (1 + 2))
+    assert weighted == pytest.approx(0.375 + 0.125 * (e**-0.75 + 2 * e**-0.375 + e**-1.375))
+    dec = dict(
+        rec_err=T(0.0, 1.0),
+        kl_r=T(0.0, 1.0),
+        kl_f=T(1.0, 1.0),
+        rec_err_rr=T(2.0, 0.0),
+        rec_err_rf=T(0.0, 4.0),
+        beta_rec=1.0,
+        beta_kl=1.0,
+        gamma_r=0.1,
+        s=0.5,
+    )
+    # paper (Eq. 9, AS once per q = r, f): 0.5 * (0.5 + 0.5 * (0.5 * (0.5 + 1) + 2 * 0.5 * 2) + 0.1
+    # * 0.5 * (1 + 2))
     assert toy2d.as_intro_decoder_loss(as_dist=2.0, c=0.5, **dec).item() == pytest.approx(1.0125)
     # official (AS once in all): 0.5 * (0.5 + 0.5 * (0.5 * (0.5 + 1) + 0.5 * 2) + 0.15) = 0.7625
     official = toy2d.as_intro_decoder_loss(as_dist=2.0, c=0.5, variant="official", **dec)
@@ -302,12 +368,23 @@ def test_losses_keep_runs_apart():
     as_dist = torch.rand(3, 1, dtype=torch.float64)
     stacked = toy2d.as_intro_encoder_loss(*per, as_dist, c=0.3, s=0.5, **betas)[0]
     for r in range(3):
-        alone = toy2d.as_intro_encoder_loss(*(p[r] for p in per), as_dist[r, 0].item(), c=0.3, s=0.5,
-                                            **{k: b[r, 0].item() for k, b in betas.items()})[0]
+        alone = toy2d.as_intro_encoder_loss(
+            *(p[r] for p in per),
+            as_dist[r, 0].item(),
+            c=0.3,
+            s=0.5,
+            **{k: b[r, 0].item() for k, b in betas.items()},
+        )[0]
         assert stacked[r].item() == pytest.approx(alone.item(), rel=1e-12)
     hinge = toy2d.intro_encoder_loss(per[0], per[1], per[2], per[3], margin=1.0, **betas)
-    alone = toy2d.intro_encoder_loss(per[0][2], per[1][2], per[2][2], per[3][2], margin=1.0,
-                                     **{k: b[2, 0].item() for k, b in betas.items()})
+    alone = toy2d.intro_encoder_loss(
+        per[0][2],
+        per[1][2],
+        per[2][2],
+        per[3][2],
+        margin=1.0,
+        **{k: b[2, 0].item() for k, b in betas.items()},
+    )
     assert hinge.shape == (3,) and hinge[2].item() == pytest.approx(alone.item(), rel=1e-12)
 
 
@@ -322,7 +399,8 @@ def test_loss_weights_are_keyword_only():
         toy2d.as_intro_decoder_loss(x, x, x, x, x, 0.0, 1.0, 0.5, 1.0, 1.0, 0.1)
 
 
-# ---------------------------------------------------------------------------------------------------- steps
+# --------------------------------------------------------------------------------------------------
+# steps
 
 
 def torch_mlp(params):
@@ -337,10 +415,16 @@ def torch_mlp(params):
     return torch.nn.Sequential(*layers[:-1])
 
 
-def reference_introspective_step(enc, dec, x, noise, beta_rec, beta_kl, beta_neg, gamma_r, c, variant):
-    """Soft-IntroVAE / AS-IntroVAE iteration written the official way: requires_grad toggling, .backward()."""
+def reference_introspective_step(
+    enc, dec, x, noise, beta_rec, beta_kl, beta_neg, gamma_r, c, variant
+):
+    """Soft-IntroVAE / AS-IntroVAE iteration written the official way: requires_grad toggling,
+    .backward()."""
     eps_z, eps_p, eps_r, eps_f, eps_rr, eps_ff = noise
-    opt_e, opt_d = torch.optim.Adam(enc.parameters(), lr=1e-3), torch.optim.Adam(dec.parameters(), lr=1e-3)
+    opt_e, opt_d = (
+        torch.optim.Adam(enc.parameters(), lr=1e-3),
+        torch.optim.Adam(dec.parameters(), lr=1e-3),
+    )
     s = 0.5
 
     def enc_fn(v):
@@ -361,12 +445,15 @@ def reference_introspective_step(enc, dec, x, noise, beta_rec, beta_kl, beta_neg
     kl = toy2d.kl_divergence
     as_e = 0.0
     if variant is not None:
-        as_e = toy2d.as_distance(*squash(mu_r, lv_r, mu_f, lv_f),
-                                 reduction="paper" if variant == "paper" else "official_sum")
+        as_e = toy2d.as_distance(
+            *squash(mu_r, lv_r, mu_f, lv_f),
+            reduction="paper" if variant == "paper" else "official_sum",
+        )
     elbo_r = beta_rec * ((rec - rr) ** 2).sum(1) + beta_neg * (c * kl(mu_r, lv_r) + (1 - c) * as_e)
     elbo_f = beta_rec * ((fake - rf) ** 2).sum(1) + beta_neg * (c * kl(mu_f, lv_f) + (1 - c) * as_e)
-    loss_e = (s * (beta_rec * ((x - rec) ** 2).sum(1).mean() + beta_kl * kl(mu, lv).mean())
-              + 0.25 * (torch.exp(-2 * s * elbo_r).mean() + torch.exp(-2 * s * elbo_f).mean()))
+    loss_e = s * (
+        beta_rec * ((x - rec) ** 2).sum(1).mean() + beta_kl * kl(mu, lv).mean()
+    ) + 0.25 * (torch.exp(-2 * s * elbo_r).mean() + torch.exp(-2 * s * elbo_f).mean())
     opt_e.zero_grad()
     loss_e.backward()
     opt_e.step()
@@ -380,13 +467,21 @@ def reference_introspective_step(enc, dec, x, noise, beta_rec, beta_kl, beta_neg
     rf = dec((mu_f + torch.exp(0.5 * lv_f) * eps_ff).detach())
     mu_r, lv_r, mu_f, lv_f = squash(mu_r, lv_r, mu_f, lv_f)
     as_d = 0.0
-    if variant is not None:  # Eq. 9 sums (1 - c) AS over r and f (paper); the released code adds it once
-        as_d = toy2d.as_distance(mu_r, lv_r, mu_f, lv_f, reduction="paper" if variant == "paper" else "official_mean")
+    if (
+        variant is not None
+    ):  # Eq. 9 sums (1 - c) AS over r and f (paper); the released code adds it once
+        as_d = toy2d.as_distance(
+            mu_r, lv_r, mu_f, lv_f, reduction="paper" if variant == "paper" else "official_mean"
+        )
         as_d = as_d * (2 if variant == "paper" else 1)
-    loss_d = s * (beta_rec * ((x - rec) ** 2).sum(1).mean()
-                  + 0.5 * beta_kl * (c * (kl(mu_r, lv_r).mean() + kl(mu_f, lv_f).mean()) + (1 - c) * as_d)
-                  + gamma_r * 0.5 * beta_rec * (((rec.detach() - rr) ** 2).sum(1).mean()
-                                                + ((fake.detach() - rf) ** 2).sum(1).mean()))
+    loss_d = s * (
+        beta_rec * ((x - rec) ** 2).sum(1).mean()
+        + 0.5 * beta_kl * (c * (kl(mu_r, lv_r).mean() + kl(mu_f, lv_f).mean()) + (1 - c) * as_d)
+        + gamma_r
+        * 0.5
+        * beta_rec
+        * (((rec.detach() - rr) ** 2).sum(1).mean() + ((fake.detach() - rf) ** 2).sum(1).mean())
+    )
     opt_d.zero_grad()
     loss_d.backward()
     opt_d.step()
@@ -416,9 +511,13 @@ def assert_steps_agree(enc, dec, ref_enc, ref_dec, ours, theirs):
     update) and the parameters after the step, all to float64 rounding."""
     assert torch.allclose(ours[0][0], theirs[0], rtol=1e-12, atol=0)
     assert torch.allclose(ours[1][0], theirs[1], rtol=1e-12, atol=0)
-    for mine, ref in zip(enc + dec, linear_tensors(ref_enc, "grad") + linear_tensors(ref_dec, "grad")):
+    for mine, ref in zip(
+        enc + dec, linear_tensors(ref_enc, "grad") + linear_tensors(ref_dec, "grad")
+    ):
         assert torch.allclose(mine.grad[0], ref.reshape(mine.shape[1:]), rtol=1e-9, atol=1e-15)
-    for mine, ref in zip(enc + dec, linear_tensors(ref_enc, "data") + linear_tensors(ref_dec, "data")):
+    for mine, ref in zip(
+        enc + dec, linear_tensors(ref_enc, "data") + linear_tensors(ref_dec, "data")
+    ):
         assert torch.allclose(mine[0].detach(), ref.reshape(mine.shape[1:]), rtol=0, atol=1e-12)
 
 
@@ -428,17 +527,34 @@ def test_introspective_step_matches_reference(c, variant):
     x = toy2d.sample_8gaussians(16, gen(6)).double()
     noise = torch.randn(6, 16, 2, generator=gen(7), dtype=torch.float64)
     opt_enc, opt_dec = torch.optim.Adam(enc, lr=1e-3), torch.optim.Adam(dec, lr=1e-3)
-    ours = toy2d.step_introspective(enc, dec, opt_enc, opt_dec, x[None], noise[:, None], c=c, s=0.5,
-                                    beta_rec=0.2, beta_kl=0.3, beta_neg=0.9, gamma_r=0.05,
-                                    variant=variant)
-    theirs = reference_introspective_step(ref_enc, ref_dec, x, noise, 0.2, 0.3, 0.9, 0.05, c, variant)
+    ours = toy2d.step_introspective(
+        enc,
+        dec,
+        opt_enc,
+        opt_dec,
+        x[None],
+        noise[:, None],
+        c=c,
+        s=0.5,
+        beta_rec=0.2,
+        beta_kl=0.3,
+        beta_neg=0.9,
+        gamma_r=0.05,
+        variant=variant,
+    )
+    theirs = reference_introspective_step(
+        ref_enc, ref_dec, x, noise, 0.2, 0.3, 0.9, 0.05, c, variant
+    )
     assert_steps_agree(enc, dec, ref_enc, ref_dec, ours, theirs)
 
 
 def reference_introvae_step(enc, dec, x, noise, margin, beta_rec, beta_kl, beta_neg):
     """IntroVAE iteration written the usual way (requires_grad toggling, .backward())."""
     eps_z, eps_p = noise[0], noise[1]
-    opt_e, opt_d = torch.optim.Adam(enc.parameters(), lr=1e-3), torch.optim.Adam(dec.parameters(), lr=1e-3)
+    opt_e, opt_d = (
+        torch.optim.Adam(enc.parameters(), lr=1e-3),
+        torch.optim.Adam(dec.parameters(), lr=1e-3),
+    )
     kl = toy2d.kl_divergence
 
     def enc_fn(v):
@@ -451,7 +567,9 @@ def reference_introvae_step(enc, dec, x, noise, margin, beta_rec, beta_kl, beta_
     fake = dec(eps_p)
     kl_r, kl_f = kl(*enc_fn(rec.detach())), kl(*enc_fn(fake.detach()))
     hinges = torch.relu(margin - kl_r.mean()) + torch.relu(margin - kl_f.mean())
-    loss_e = beta_rec * ((x - rec) ** 2).sum(1).mean() + beta_kl * (kl(mu, lv).mean() + 0.5 * beta_neg * hinges)
+    loss_e = beta_rec * ((x - rec) ** 2).sum(1).mean() + beta_kl * (
+        kl(mu, lv).mean() + 0.5 * beta_neg * hinges
+    )
     opt_e.zero_grad()
     loss_e.backward()
     opt_e.step()
@@ -459,8 +577,9 @@ def reference_introvae_step(enc, dec, x, noise, margin, beta_rec, beta_kl, beta_
     enc.requires_grad_(False)
     rec = dec(z.detach())
     fake = dec(eps_p)
-    loss_d = (beta_rec * ((x - rec) ** 2).sum(1).mean()
-              + 0.5 * beta_kl * (kl(*enc_fn(rec)).mean() + kl(*enc_fn(fake)).mean()))
+    loss_d = beta_rec * ((x - rec) ** 2).sum(1).mean() + 0.5 * beta_kl * (
+        kl(*enc_fn(rec)).mean() + kl(*enc_fn(fake)).mean()
+    )
     opt_d.zero_grad()
     loss_d.backward()
     opt_d.step()
@@ -474,8 +593,18 @@ def test_introvae_step_matches_reference(margin):
     x = toy2d.sample_8gaussians(16, gen(6)).double()
     noise = torch.randn(6, 16, 2, generator=gen(7), dtype=torch.float64)
     opt_enc, opt_dec = torch.optim.Adam(enc, lr=1e-3), torch.optim.Adam(dec, lr=1e-3)
-    ours = toy2d.step_introvae(enc, dec, opt_enc, opt_dec, x[None], noise[:, None], margin=margin,
-                               beta_rec=0.2, beta_kl=0.3, beta_neg=0.9)
+    ours = toy2d.step_introvae(
+        enc,
+        dec,
+        opt_enc,
+        opt_dec,
+        x[None],
+        noise[:, None],
+        margin=margin,
+        beta_rec=0.2,
+        beta_kl=0.3,
+        beta_neg=0.9,
+    )
     theirs = reference_introvae_step(ref_enc, ref_dec, x, noise, margin, 0.2, 0.3, 0.9)
     assert_steps_agree(enc, dec, ref_enc, ref_dec, ours, theirs)
 
@@ -485,28 +614,39 @@ def test_vae_step_gradient_is_the_joint_loss_gradient():
     x = toy2d.sample_8gaussians(16, gen(6)).double()
     noise = torch.randn(6, 16, 2, generator=gen(7), dtype=torch.float64)
     opt_enc, opt_dec = torch.optim.Adam(enc, lr=1e-3), torch.optim.Adam(dec, lr=1e-3)
-    ours = toy2d.step_vae(enc, dec, opt_enc, opt_dec, x[None], noise[:, None], beta_rec=0.2, beta_kl=0.3)
+    ours = toy2d.step_vae(
+        enc, dec, opt_enc, opt_dec, x[None], noise[:, None], beta_rec=0.2, beta_kl=0.3
+    )
     mu, lv = ref_enc(x).chunk(2, -1)
     rec = ref_dec(mu + torch.exp(0.5 * lv) * noise[0])
     loss = (0.2 * ((x - rec) ** 2).sum(1) + 0.3 * toy2d.kl_divergence(mu, lv)).mean()
     loss.backward()
-    for mine, ref in zip(enc + dec, linear_tensors(ref_enc, "grad") + linear_tensors(ref_dec, "grad")):
+    for mine, ref in zip(
+        enc + dec, linear_tensors(ref_enc, "grad") + linear_tensors(ref_dec, "grad")
+    ):
         assert torch.allclose(mine.grad[0], ref.reshape(mine.shape[1:]), rtol=1e-9, atol=1e-15)
     assert torch.allclose(ours[0][0], loss.detach(), rtol=1e-12, atol=0)
 
 
-# ---------------------------------------------------------------------------------------------------- batching
+# --------------------------------------------------------------------------------------------------
+# batching
 
 
 def tiny_config(**kw):
-    base = dict(iters=30, batch_size=16, hidden=8, variant="official", seeds="1,2", n_eval=64, grid=16)
+    base = dict(
+        iters=30, batch_size=16, hidden=8, variant="official", seeds="1,2", n_eval=64, grid=16
+    )
     base.update(kw)
     return toy2d.Config(**base)
 
 
 def run_specs(cfg):
-    return [dataclasses.replace(r, dataset=d) for r, d in
-            zip(toy2d.build_runs(cfg), ["8gaussians", "rings", "checkerboard", "spiral"] * 20)]
+    return [
+        dataclasses.replace(r, dataset=d)
+        for r, d in zip(
+            toy2d.build_runs(cfg), ["8gaussians", "rings", "checkerboard", "spiral"] * 20
+        )
+    ]
 
 
 def test_runs_side_by_side_equal_runs_alone_and_nan_stays_in_its_run():
@@ -545,24 +685,30 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
             assert torch.equal(p_a, p_b)
 
 
-# ---------------------------------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------------------------------
+# evaluation
 
 
 def zero_networks(last_bias=(0.0, 0.0), hidden=4):
     enc = [torch.zeros(1, a, b) for a, b in ((2, hidden), (hidden, 4))]
     enc = [enc[0], torch.zeros(1, 1, hidden), enc[1], torch.zeros(1, 1, 4)]
-    dec = [torch.zeros(1, 2, hidden), torch.zeros(1, 1, hidden), torch.zeros(1, hidden, 2),
-           torch.tensor([[list(last_bias)]])]
+    dec = [
+        torch.zeros(1, 2, hidden),
+        torch.zeros(1, 1, hidden),
+        torch.zeros(1, hidden, 2),
+        torch.tensor([[list(last_bias)]]),
+    ]
     return enc, dec
 
 
 def test_gnelbo_normalisation_closed_form():
-    """Zero networks: mu = logvar = 0 (KL = 0) and Dec = 0, so L(x) = ||x||^2 and gnELBO has a closed form."""
+    """Zero networks: mu = logvar = 0 (KL = 0) and Dec = 0, so L(x) = ||x||^2 and gnELBO has a
+    closed form."""
     enc, dec = zero_networks()
     real = toy2d.sample_8gaussians(300, gen(8)).view(1, 300, 2)
     gnelbo, density = toy2d.grid_evaluation(enc, dec, torch.tensor([2.0]), real, 32, 32)
     axis = np.linspace(-2, 2, 32)
-    grid_sum = 2 * 32 * np.sum(axis ** 2)
+    grid_sum = 2 * 32 * np.sum(axis**2)
     loss_real = (real.double() ** 2).sum(-1).numpy()[0]
     assert gnelbo[0] == pytest.approx(loss_real.mean() / (grid_sum + loss_real.sum()), rel=1e-6)
     assert density.shape == (1, 32, 32)
@@ -570,7 +716,8 @@ def test_gnelbo_normalisation_closed_form():
 
 
 def test_density_orientation_and_pooling():
-    """Dec = (1, 0.5) everywhere: exp(-L) peaks at x = 1, y = 0.5, i.e. row 3 (from y = +2), column 6."""
+    """Dec = (1, 0.5) everywhere: exp(-L) peaks at x = 1, y = 0.5, i.e. row 3 (from y = +2),
+    column 6."""
     enc, dec = zero_networks(last_bias=(1.0, 0.5))
     real = torch.zeros(1, 10, 2)
     _, density = toy2d.grid_evaluation(enc, dec, torch.tensor([2.0]), real, 9, 9)

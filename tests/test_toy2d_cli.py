@@ -1,4 +1,6 @@
-"""toy2d.py through its command line: a tiny full run, resume, and one-line rejection of bad flags."""
+"""toy2d.py through its command line: a tiny full run, resume, and one-line rejection of bad
+flags."""
+
 import json
 import os
 
@@ -12,8 +14,22 @@ from helpers import ROOT, run_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--iters", "12", "--batch-size", "32", "--hidden", "16", "--n-eval", "300", "--grid", "64"]
-KEYS = {"dataset", "method", "combo", "variant", "seed", "iters", "kl_paper", "jsd_paper", "kl", "jsd", "gnelbo",
-        "modes", "hq_fraction", "seconds"}
+KEYS = {
+    "dataset",
+    "method",
+    "combo",
+    "variant",
+    "seed",
+    "iters",
+    "kl_paper",
+    "jsd_paper",
+    "kl",
+    "jsd",
+    "gnelbo",
+    "modes",
+    "hq_fraction",
+    "seconds",
+}
 
 
 def toy2d(*args):
@@ -34,7 +50,13 @@ def test_smoke_run_writes_results_samples_and_pngs(smoke):
     assert [r["method"] for r in records] == ["vae", "introvae", "sintrovae", "asintrovae"]
     for r in records:
         assert KEYS <= set(r)
-        assert (r["dataset"], r["combo"], r["variant"], r["seed"], r["iters"]) == ("8gaussians", "C2", "paper", 92, 12)
+        assert (r["dataset"], r["combo"], r["variant"], r["seed"], r["iters"]) == (
+            "8gaussians",
+            "C2",
+            "paper",
+            92,
+            12,
+        )
         assert (r["beta_kl"], r["beta_rec"], r["beta_neg"]) == (0.5, 0.1, 0.9)
         assert r["kl_paper"] >= 0 and 0 <= r["jsd"] <= np.log(2) + 1e-9 and 0 < r["gnelbo"] < 1
         assert 0 <= r["modes"] <= 8 and 0 <= r["hq_fraction"] <= 1
@@ -78,7 +100,9 @@ def test_trace_table_and_coverage(smoke):
         assert r["trace"][-1]["modes"] == r["modes"]
         assert r["trace"][-1]["kl_paper"] == pytest.approx(round(r["kl_paper"], 3), abs=1e-12)
     table = (out / "table.md").read_text().splitlines()
-    assert table[0].startswith("| dataset | combo | method | setting | seeds | KL ours | KL paper |")
+    assert table[0].startswith(
+        "| dataset | combo | method | setting | seeds | KL ours | KL paper |"
+    )
     as_row = next(line for line in table if "| AS-IntroVAE |" in line)
     assert "| 12 it | 1 |" in as_row  # one seed, 12 iterations instead of the protocol's 30000
     assert "| 1.3 |" in as_row and "| 4.4 |" in as_row  # the paper's Table 1, column C2
@@ -89,9 +113,26 @@ def test_trace_table_and_coverage(smoke):
 def test_killed_run_resumes_mid_training_and_ends_as_an_unbroken_run(tmp_path, monkeypatch, capsys):
     """A kill after the first checkpoint (iteration 50 of 150), then the same command: the
     resumed run trains 100 more iterations and ends bit-identical to a run never stopped."""
-    args = ["--combo", "C2", "--methods", "sintrovae,asintrovae", "--iters", "150",
-            "--batch-size", "16", "--hidden", "8", "--n-eval", "200", "--grid", "32",
-            "--trace-every", "50", "--ckpt-every", "50"]
+    args = [
+        "--combo",
+        "C2",
+        "--methods",
+        "sintrovae,asintrovae",
+        "--iters",
+        "150",
+        "--batch-size",
+        "16",
+        "--hidden",
+        "8",
+        "--n-eval",
+        "200",
+        "--grid",
+        "32",
+        "--trace-every",
+        "50",
+        "--ckpt-every",
+        "50",
+    ]
     assert toy2d_module.main(args + ["--out", str(tmp_path / "straight")]) == 0
     real_train = toy2d_module.train
 
@@ -117,8 +158,24 @@ def test_killed_run_resumes_mid_training_and_ends_as_an_unbroken_run(tmp_path, m
 def test_default_folder_is_named_from_the_flags(tmp_path, monkeypatch, capsys):
     """Without --out the same command finds its own folder again; other flags get another one."""
     monkeypatch.chdir(tmp_path)
-    args = ["--combo", "C2", "--methods", "asintrovae", "--iters", "50", "--batch-size", "16",
-            "--hidden", "8", "--n-eval", "100", "--grid", "16", "--trace-every", "50"]
+    args = [
+        "--combo",
+        "C2",
+        "--methods",
+        "asintrovae",
+        "--iters",
+        "50",
+        "--batch-size",
+        "16",
+        "--hidden",
+        "8",
+        "--n-eval",
+        "100",
+        "--grid",
+        "16",
+        "--trace-every",
+        "50",
+    ]
     assert toy2d_module.main(args) == 0
     folders = list((tmp_path / "runs").iterdir())
     assert len(folders) == 1 and folders[0].name.startswith("toy2d_8gaussians_C2_s92_50_")
@@ -132,9 +189,26 @@ def test_default_folder_is_named_from_the_flags(tmp_path, monkeypatch, capsys):
 
 
 def test_until_stops_early_and_the_same_command_finishes(tmp_path, capsys):
-    args = ["--combo", "C2", "--methods", "asintrovae", "--iters", "100", "--batch-size", "16",
-            "--hidden", "8", "--n-eval", "100", "--grid", "16", "--trace-every", "50",
-            "--out", str(tmp_path / "run")]
+    args = [
+        "--combo",
+        "C2",
+        "--methods",
+        "asintrovae",
+        "--iters",
+        "100",
+        "--batch-size",
+        "16",
+        "--hidden",
+        "8",
+        "--n-eval",
+        "100",
+        "--grid",
+        "16",
+        "--trace-every",
+        "50",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert toy2d_module.main(args + ["--until", "50"]) == 0
     out = capsys.readouterr().out
     assert "t=50:" in out and "stopped at iteration 50 of 100" in out
@@ -159,7 +233,7 @@ def test_table_combines_finished_runs_with_the_seed_spread(smoke, tmp_path, caps
     row = next(line for line in capsys.readouterr().out.splitlines() if "| VAE |" in line)
     kl = records[0]["kl_paper"]
     # two seeds, kl and kl + 2: mean kl + 1, sample std sqrt(2)
-    assert f"| 2 | {kl + 1:.2f} ± {2 ** 0.5:.2f} | 220.3 |" in row
+    assert f"| 2 | {kl + 1:.2f} ± {2**0.5:.2f} | 220.3 |" in row
     assert (tmp_path / "all" / "table.md").exists() and (tmp_path / "all" / "coverage.png").exists()
     assert (tmp_path / "all" / "overview_8gaussians_93.png").exists()
     assert toy2d_module.main(["--table", str(tmp_path / "missing")]) == 2
@@ -187,23 +261,29 @@ def test_bad_flag_through_the_real_command_line():
     result = toy2d("--combo", "C4")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("toy2d.py: error: argument --combo: invalid choice")
+    assert len(lines) == 1 and lines[0].startswith(
+        "toy2d.py: error: argument --combo: invalid choice"
+    )
 
 
-@pytest.mark.parametrize("args, word", [
-    (["--dataset", "moons"], "--dataset"),
-    (["--methods", "vae,gan"], "--methods"),
-    (["--seeds", "1,x"], "--seeds"),
-    (["--iters", "ten"], "--iters"),
-    (["--variant", "Paper"], "--variant"),
-    (["--comb", "C1"], "--comb"),
-    (["--grid", "1000"], "--grid"),
-    (["--iters", "0"], "--iters"),
-    (["--trace-every", "70"], "--trace-every"),
-    (["--warmup", "-5"], "--warmup"),
-    (["--precision", "fp16"], "--precision"),
-    (["--schedule", "cosine"], "--schedule"),
-] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
+@pytest.mark.parametrize(
+    "args, word",
+    [
+        (["--dataset", "moons"], "--dataset"),
+        (["--methods", "vae,gan"], "--methods"),
+        (["--seeds", "1,x"], "--seeds"),
+        (["--iters", "ten"], "--iters"),
+        (["--variant", "Paper"], "--variant"),
+        (["--comb", "C1"], "--comb"),
+        (["--grid", "1000"], "--grid"),
+        (["--iters", "0"], "--iters"),
+        (["--trace-every", "70"], "--trace-every"),
+        (["--warmup", "-5"], "--warmup"),
+        (["--precision", "fp16"], "--precision"),
+        (["--schedule", "cosine"], "--schedule"),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),
+)
 def test_bad_flags_get_one_line_and_exit_2(args, word, capsys):
     with pytest.raises(SystemExit) as stop:
         toy2d_module.main(args)
@@ -213,7 +293,16 @@ def test_bad_flags_get_one_line_and_exit_2(args, word, capsys):
 
 
 def test_bench_prints_ms_per_iteration_and_writes_nothing(tmp_path, capsys):
-    args = ["--bench", "2", "--methods", "sintrovae,asintrovae", "--batch-size", "16", "--hidden", "8"]
+    args = [
+        "--bench",
+        "2",
+        "--methods",
+        "sintrovae,asintrovae",
+        "--batch-size",
+        "16",
+        "--hidden",
+        "8",
+    ]
     assert toy2d_module.main(args + ["--out", str(tmp_path / "none")]) == 0
     out = capsys.readouterr().out
     assert "2 runs side by side (sintrovae x1, asintrovae x1)" in out and "ms/iteration" in out
