@@ -1158,21 +1158,22 @@ def write_overviews(records, out_dir, folders=None):
     folders = folders or [out_dir] * len(records)
     for dataset, seed in dict.fromkeys((r["dataset"], r["seed"]) for r in records):
         mine = [
-            (r, folder)
+            (r, (r["combo"], setting(r)), folder)
             for r, folder in zip(records, folders)
             if (r["dataset"], r["seed"]) == (dataset, seed)
         ]
-        rows = list(dict.fromkeys((r["combo"], setting(r)) for r, _ in mine))
-        methods = list(dict.fromkeys(r["method"] for r, _ in mine))
+        rows = list(dict.fromkeys(row for _, row, _ in mine))
+        methods = list(dict.fromkeys(r["method"] for r, _, _ in mine))
         panels = [[None] * len(methods) for _ in rows]
-        for r, folder in mine:
-            cell = rows.index((r["combo"], setting(r))), methods.index(r["method"])
-            panels[cell[0]][cell[1]] = Image.open(os.path.join(folder, f"scatter_{run_tag(r)}.png"))
+        for r, row, folder in mine:
+            path = os.path.join(folder, f"scatter_{run_tag(r)}.png")
+            panels[rows.index(row)][methods.index(r["method"])] = Image.open(path)
         labels = [f"{combo}: {label}" for combo, label in rows]
         one_setting = len({label for _, label in rows}) == 1
+        first = mine[0][0]
         header = (
-            f"{dataset}, seed {seed}, {mine[0][0]['iters']} iterations, "
-            f"{rows[0][1] if one_setting else 'setting per row'}, mapping {mine[0][0]['mapping']}; "
+            f"{dataset}, seed {seed}, {first['iters']} iterations, "
+            f"{rows[0][1] if one_setting else 'setting per row'}, mapping {first['mapping']}; "
             "rows: combos, columns: methods; grey: real points"
         )
         sheet = draw_overview(panels, header, row_labels=None if one_setting else labels)
