@@ -36,6 +36,19 @@ def run_script(script, args, cwd):
     )
 
 
+def npz_run_flags(data, out, *extra, every):
+    """as_introvae.py flags for a tiny run on data/train.npz (test.npz held out): 8,16 channels,
+    z = 4, batches of 8, a log line per step, grids and checkpoints every `every` steps, no FID;
+    `extra` last, so it overrides any of these."""
+    return [
+        *("--dataset", "npz", "--data-root", str(data / "train.npz")),
+        *("--test-root", str(data / "test.npz"), "--channels", "8,16", "--z-dim", "4"),
+        *("--batch-size", "8", "--log-every", "1", "--img-every", str(every)),
+        *("--ckpt-every", str(every), "--fid-samples", "0", "--num-workers", "0"),
+        *("--out", str(out), *extra),
+    ]
+
+
 def assert_identical(a, b, where="state"):
     """Assert two checkpoint-like structures bit-identical, recursively (tensors by torch.equal)."""
     if isinstance(a, torch.Tensor):

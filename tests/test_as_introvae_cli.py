@@ -11,7 +11,7 @@ from PIL import Image
 
 import as_introvae as asv
 import eval_metrics
-from helpers import assert_identical, pattern_images, run_script
+from helpers import assert_identical, npz_run_flags, pattern_images, run_script
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_torch_home")
 
@@ -25,35 +25,7 @@ def data(tmp_path_factory):
 
 
 def tiny_flags(data, out, *extra):
-    return [
-        "--dataset",
-        "npz",
-        "--data-root",
-        str(data / "train.npz"),
-        "--test-root",
-        str(data / "test.npz"),
-        "--channels",
-        "8,16",
-        "--z-dim",
-        "4",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "3",
-        "--log-every",
-        "1",
-        "--img-every",
-        "2",
-        "--ckpt-every",
-        "2",
-        "--fid-samples",
-        "0",
-        "--num-workers",
-        "0",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    return npz_run_flags(data, out, "--epochs", "3", *extra, every=2)
 
 
 def run_cli(args, cwd):
