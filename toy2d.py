@@ -18,6 +18,7 @@ mix: each has its own weights, data stream, noise and Adam moments.
     python toy2d.py --combo C2 --methods sintrovae --mapping literal    # the other reading of C1-C3
     python toy2d.py --combo all --iters 1500                 # quick version (the schedule scales)
     python toy2d.py --bench 20 --dataset all --combo all     # ms/iteration per phase
+    python toy2d.py --dataset all --combo all --seeds 92,93,94 --device cuda  # 144 runs, CUDA graphs
 
 Outputs in --out (default runs/toy2d_<dataset>_<combo>_s<seeds>_<iters>_<hash of the flags>, so the
 same command finds its own folder): results.json (every run, with its coverage trace), table.md
@@ -87,6 +88,9 @@ class Config:
     trace_every: int = option(1000, "iterations between coverage records (a multiple of 50)")
     out: str = option("", "output folder; empty = runs/toy2d_<...>_<hash of the flags>")
     device: str = option("auto", "auto (cuda when present) | cpu | cuda | cuda:N")
+    graphs: str = option(
+        "auto", "CUDA graphs, one captured iteration per span: auto (on with CUDA) | on | off"
+    )
     ckpt_every: int = option(2000, "iterations between checkpoints (rounded to data blocks of 50)")
     until: int = option(
         0, ">0: stop after this iteration (checkpointed); rerun without it to finish"
@@ -102,6 +106,7 @@ CHOICES = {
     "mapping": ("closest", "literal"),
     "schedule": ("auto", "linear", "tanh"),
     "precision": ("fp32", "bf16"),
+    "graphs": ("auto", "on", "off"),
 }
 METHODS = ("vae", "introvae", "sintrovae", "asintrovae")
 METHOD_NAMES = {
@@ -504,7 +509,8 @@ def step_introspective(
     """Soft-IntroVAE (c = 1, variant None) or AS-IntroVAE (c from annealing_coefficient, variant
     "paper" | "official"): the encoder step of Eq. 9, then the decoder step."""
     eps_z, eps_p, eps_r, eps_f, eps_rr, eps_ff = noise
-    use_as = variant is not None and c < 1.0
+    # c is a float, or (CUDA graphs) a 0-dim tensor refilled every replay while c < 1.
+    use_as = variant is not None and (torch.is_tensor(c) or c < 1.0)
     official = variant == "official"
     # ALGO LOGIC: encoder step (decoder frozen)
     mu, logvar = encode(enc, x)
@@ -594,7 +600,7 @@ class Group:
     """The runs of one method, stacked: weights, Adam states, per-run generators and weights, and
     the coverage trace (modes and paper-KL every trace_every iterations)."""
 
-    def __init__(self, method, runs, cfg, device):
+    def __init__(self, method, runs, cfg, device, capturable=False):
         self.method, self.runs, self.device = method, runs, device
         self.gens_model = [torch.Generator().manual_seed(3 * r.seed) for r in runs]  # init + noise
         self.gens_data = [torch.Generator().manual_seed(3 * r.seed + 1) for r in runs]  # data
@@ -602,8 +608,9 @@ class Group:
         sizes_dec = [Z_DIM] + [cfg.hidden] * 4 + [X_DIM]
         self.enc = [p.to(device).requires_grad_() for p in init_mlp(sizes_enc, self.gens_model)]
         self.dec = [p.to(device).requires_grad_() for p in init_mlp(sizes_dec, self.gens_model)]
-        self.opt_enc = torch.optim.Adam(self.enc, lr=cfg.lr)
-        self.opt_dec = torch.optim.Adam(self.dec, lr=cfg.lr)
+        # capturable: Adam keeps its step counts on the device, as a CUDA graph needs.
+        self.opt_enc = torch.optim.Adam(self.enc, lr=cfg.lr, capturable=capturable)
+        self.opt_dec = torch.optim.Adam(self.dec, lr=cfg.lr, capturable=capturable)
 
         def column(values):
             return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(-1)  # (R, 1)
@@ -645,10 +652,12 @@ class Group:
             for param_group in opt.param_groups:
                 param_group["lr"] = lr
 
-    def step(self, t, x, noise, warmup, c, variant):
+    def step(self, t, x, noise, warming_up, c, variant):
+        """Iteration t (an int, or a 0-dim device tensor under CUDA graphs) of every run; the
+        plain-VAE step while warming_up. State changes in place, so a captured graph replays it."""
         nets = (self.enc, self.dec, self.opt_enc, self.opt_dec, x, noise)
         b = self.betas
-        if self.method == "vae" or t < warmup:
+        if self.method == "vae" or warming_up:
             losses = step_vae(*nets, beta_rec=b["beta_rec"], beta_kl=b["beta_kl"])
         elif self.method == "introvae":
             losses = step_introvae(*nets, margin=self.margin, **b)
@@ -662,9 +671,7 @@ class Group:
                 **b,
             )
         bad = ~(torch.isfinite(losses[0]) & torch.isfinite(losses[1]))
-        self.first_bad = torch.where(
-            (self.first_bad < 0) & bad, torch.full_like(self.first_bad, t), self.first_bad
-        )
+        self.first_bad.copy_(torch.where((self.first_bad < 0) & bad, t, self.first_bad))
 
     @torch.no_grad()
     def record_coverage(self, t):
@@ -726,9 +733,11 @@ def build_runs(cfg):
     ]
 
 
-def build_groups(runs, cfg, device):
+def build_groups(runs, cfg, device, graphs=False):
+    """One Group per method present; graphs: for Stepper(graphs=True) (capturable Adam on CUDA)."""
+    capturable = graphs and device.type == "cuda"
     return [
-        Group(m, [r for r in runs if r.method == m], cfg, device)
+        Group(m, [r for r in runs if r.method == m], cfg, device, capturable=capturable)
         for m in METHODS
         if any(r.method == m for r in runs)
     ]
@@ -738,14 +747,16 @@ def build_groups(runs, cfg, device):
 # Loop
 
 
-def autocast(device, precision):
+def autocast(device, precision, cache=True):
     """bf16 autocast of the matmuls for --precision bf16; a no-op context for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=cache
+    )
 
 
 def checkpoint_config(cfg):
     """The fields a resumed run must share with the run that wrote the checkpoint."""
-    skip = ("out", "device", "bench", "ckpt_every", "until", "table")
+    skip = ("out", "device", "graphs", "bench", "ckpt_every", "until", "table")
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
@@ -793,22 +804,100 @@ def phases(cfg):
     return [p for p in spans if p[2] > p[1]]
 
 
-def train(groups, cfg, start, stop, ckpt_path=None, train_seconds=0.0, progress=None):
+def phase_of(cfg, t):
+    """The name of the phase iteration t falls in ("done" from cfg.iters on)."""
+    return next((name for name, a, b in phases(cfg) if a <= t < b), "done")
+
+
+class Stepper:
+    """Iteration t of every group side by side. Eager (graphs=False): each step with float c and
+    lr, as written. graphs=True: the iteration reads its data, noise, c and t from static device
+    buffers, and on CUDA one iteration is captured as a CUDA graph per span of iterations that
+    share the learning rate and the phase (so every Python branch and every lr is fixed inside the
+    graph) and replayed for the rest of the span: no host sync, and per iteration two copies
+    per group and two fills instead of about a thousand kernel launches. On a CPU, graphs=True runs the same
+    static-buffer iteration eagerly (what the tests check against the eager path)."""
+
+    EAGER_BEFORE_CAPTURE = 2  # real iterations run eagerly first: Adam's state, cuBLAS, autograd
+
+    def __init__(self, groups, cfg, graphs=False):
+        self.groups, self.cfg, self.graphs = groups, cfg, graphs
+        self.device = groups[0].device
+        self.warmup, self.milestones = schedule(cfg.iters, cfg.warmup)
+        self.anneal = annealing_schedule(cfg)
+        self.capture = graphs and self.device.type == "cuda"
+        if self.capture:
+            torch.cuda.set_device(self.device)  # graphs capture on the current device's streams
+        self.span, self.graph, self.eager_left = None, None, 0
+        if graphs:
+            self.xs = [
+                torch.zeros(len(g.runs), cfg.batch_size, X_DIM, device=self.device) for g in groups
+            ]  # (R, B, 2) each
+            self.noises = [
+                torch.zeros(6, len(g.runs), cfg.batch_size, Z_DIM, device=self.device)
+                for g in groups
+            ]  # (6, R, B, z) each
+            self.c = torch.zeros((), device=self.device)
+            self.t = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def step(self, t, xs, noises):
+        """Iteration t; xs[i], noises[i]: group i's batch (R, B, 2) and noise (6, R, B, z)."""
+        lr = learning_rate(t, self.cfg.lr, self.milestones)
+        c = annealing_coefficient(t, self.cfg.iters, self.anneal)
+        if not self.graphs:
+            for g in self.groups:
+                g.set_lr(lr)
+            self.iteration(t, xs, noises, t < self.warmup, c)
+            return
+        span = (lr, phase_of(self.cfg, t))
+        if span != self.span:  # a new span: new lr and branches, so a new graph
+            self.span, self.graph, self.eager_left = span, None, self.EAGER_BEFORE_CAPTURE
+            for g in self.groups:
+                g.set_lr(lr)
+        for buffer, value in zip(self.xs + self.noises, list(xs) + list(noises)):
+            buffer.copy_(value, non_blocking=True)
+        self.c.fill_(c)
+        self.t.fill_(t)
+        if self.graph is not None:
+            self.graph.replay()
+        elif not self.capture:
+            self.static_iteration(span[1])
+        elif self.eager_left > 0:
+            self.eager_left -= 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.static_iteration(span[1])
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_iteration(span[1])
+            self.graph.replay()  # capture records the iteration without running it
+
+    def static_iteration(self, phase):
+        """One iteration on the static buffers; c is the buffer only while the AS-Distance is
+        active (elsewhere it is 1, or unused in the warm-up)."""
+        c = self.c if phase == "AS active" else 1.0
+        self.iteration(self.t, self.xs, self.noises, phase == "warm-up", c)
+
+    def iteration(self, t, xs, noises, warming_up, c):
+        # autocast's cache of cast weights must be off inside a CUDA graph capture.
+        with autocast(self.device, self.cfg.precision, cache=not self.graphs):
+            for g, x, noise in zip(self.groups, xs, noises):
+                g.step(t, x, noise, warming_up, c, self.cfg.variant)
+
+
+def train(groups, cfg, start, stop, ckpt_path=None, train_seconds=0.0, progress=None, graphs=False):
     """Iterations start..stop-1 of every group, side by side, with coverage records every
     cfg.trace_every iterations. Returns the wall seconds spent (cumulative)."""
-    warmup, milestones = schedule(cfg.iters, cfg.warmup)
-    anneal = annealing_schedule(cfg)
+    stepper = Stepper(groups, cfg, graphs)
     t, t_ckpt, tic = start, start, time.time()
     while t < stop:
         k = min(BLOCK, stop - t)
         blocks = [g.draw_block(k, cfg.batch_size) for g in groups]
         for i in range(k):
-            lr = learning_rate(t, cfg.lr, milestones)
-            c = annealing_coefficient(t, cfg.iters, anneal)
-            with autocast(groups[0].device, cfg.precision):
-                for g, (data, noise) in zip(groups, blocks):
-                    g.set_lr(lr)
-                    g.step(t, data[i], noise[i], warmup, c, cfg.variant)
+            stepper.step(t, [data[i] for data, _ in blocks], [noise[i] for _, noise in blocks])
             t += 1
         if t % cfg.trace_every == 0 or t == cfg.iters:
             for g in groups:
@@ -821,27 +910,26 @@ def train(groups, cfg, start, stop, ckpt_path=None, train_seconds=0.0, progress=
     return train_seconds + time.time() - tic
 
 
-def phase_costs(groups, cfg, n_iters, warm=2):
+def phase_costs(groups, cfg, n_iters, warm=2, graphs=False):
     """Measured seconds per iteration of all groups together in each phase of the run, as two
     dicts {phase name: seconds}: wall time and this process's CPU time (which other load on a
-    shared CPU disturbs less). From n_iters timed steps after `warm` untimed ones, on the given
-    groups (their weights move: pass fresh copies when the run must not notice)."""
-    warmup, _ = schedule(cfg.iters, cfg.warmup)
-    anneal = annealing_schedule(cfg)
+    shared CPU disturbs less). From n_iters timed steps after `warm` untimed ones (with graphs,
+    at least those before and at the capture), on the given groups (their weights move: pass
+    fresh copies when the run must not notice)."""
     device = groups[0].device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if graphs:
+        warm = max(warm, Stepper.EAGER_BEFORE_CAPTURE + 1)
+    stepper = Stepper(groups, cfg, graphs)
     blocks = [g.draw_block(1, cfg.batch_size) for g in groups]
+    xs, noises = [data[0] for data, _ in blocks], [noise[0] for _, noise in blocks]
     costs, cpu_costs = {}, {}
     for name, begin, end in phases(cfg):
-        t = begin
         for i in range(warm + n_iters):
             if i == warm:
                 sync()
                 tic, tic_cpu = time.perf_counter(), time.process_time()
-            c = annealing_coefficient(t, cfg.iters, anneal)
-            with autocast(device, cfg.precision):
-                for g, (data, noise) in zip(groups, blocks):
-                    g.step(t, data[0], noise[0], warmup, c, cfg.variant)
+            stepper.step(begin, xs, noises)
         sync()
         costs[name] = (time.perf_counter() - tic) / n_iters
         cpu_costs[name] = (time.process_time() - tic_cpu) / n_iters
@@ -875,7 +963,7 @@ class PhaseProgress:
             return
         self.last, elapsed = now, now - self.tic
         eta = self.eta(t, elapsed)
-        phase = next((n for n, a, b in phases(self.cfg) if a <= t < b), "done")
+        phase = phase_of(self.cfg, t)
         rate = (t - self.start) / max(elapsed, 1e-9)
         self.stream.write(
             f"\rtoy2d train: {t}/{self.stop} it ({phase}) {rate:.1f} it/s, "
@@ -1142,9 +1230,11 @@ def setting(record):
         f"{iters} it" if iters != 30000 else "",
         "official" if record["variant"] == "official" else "",
         f"warm-up {record['warmup']}" if record["warmup"] != schedule(iters)[0] else "",
-        f"{record['schedule']} c"
-        if record["schedule"] != ("tanh" if record["variant"] == "official" else "linear")
-        else "",
+        (
+            f"{record['schedule']} c"
+            if record["schedule"] != ("tanh" if record["variant"] == "official" else "linear")
+            else ""
+        ),
         "literal" if record["mapping"] != "closest" and record["combo"] in COMBOS else "",
         record["precision"] if record["precision"] != "fp32" else "",
     ]
@@ -1371,6 +1461,9 @@ def parse_config(argv):
         parser.error(f"--device {cfg.device!r}: use auto, cpu, cuda or cuda:N")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {cfg.device}: CUDA is not available on this machine")
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.graphs == "on" and not cuda:
+        parser.error("--graphs on needs a CUDA device (CUDA graphs); use auto or off")
     return cfg
 
 
@@ -1413,15 +1506,17 @@ def main(argv=None):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
+    graphs = device.type == "cuda" and cfg.graphs != "off"
     runs = build_runs(cfg)
-    groups = build_groups(runs, cfg, device)
+    groups = build_groups(runs, cfg, device, graphs)
     layout = ", ".join(f"{g.method} x{len(g.runs)}" for g in groups)
     if cfg.bench:
-        costs, cpu_costs = phase_costs(groups, cfg, cfg.bench)
+        costs, cpu_costs = phase_costs(groups, cfg, cfg.bench, graphs=graphs)
         total = predicted_seconds(cfg, costs, 0, cfg.iters)
         print(
             f"{len(runs)} runs side by side ({layout}), batch {cfg.batch_size}, {device}, "
-            f"{cfg.precision}, {torch.get_num_threads()} threads: "
+            f"{cfg.precision}, {'CUDA graphs' if graphs else 'eager'}, "
+            f"{torch.get_num_threads()} threads: "
             f"wall {describe_costs(costs, 'ms/iteration')}; process CPU "
             f"{describe_costs(cpu_costs, 'ms/iteration')} (mean of {cfg.bench} after 2 untimed); "
             f"projected {cfg.iters} iterations: {format_seconds(total)} wall, "
@@ -1451,15 +1546,19 @@ def main(argv=None):
         print(f"resuming from {ckpt_path} at iteration {start}")
 
     print(
-        f"{len(runs)} runs side by side ({layout}) on {device}, {cfg.iters} iterations -> {out_dir}"
+        f"{len(runs)} runs side by side ({layout}) on {device}"
+        f"{' with CUDA graphs' if graphs else ''}, {cfg.iters} iterations -> {out_dir}"
     )
     stop = min(cfg.until, cfg.iters) if cfg.until else cfg.iters
     if start < stop:
-        costs, _ = phase_costs(build_groups(runs, cfg, device), cfg, n_iters=3, warm=1)
+        fresh = build_groups(runs, cfg, device, graphs)
+        costs, _ = phase_costs(fresh, cfg, n_iters=3, warm=1, graphs=graphs)
         expected = predicted_seconds(cfg, costs, start, stop)
         print(f"expected training time {format_seconds(expected)} ({describe_costs(costs)})")
         progress = PhaseProgress(cfg, costs, start, stop)
-        train_seconds = train(groups, cfg, start, stop, ckpt_path, train_seconds, progress)
+        train_seconds = train(
+            groups, cfg, start, stop, ckpt_path, train_seconds, progress, graphs=graphs
+        )
         progress.close()
     if stop < cfg.iters:
         print(format_trace(groups))

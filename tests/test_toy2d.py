@@ -666,6 +666,44 @@ def test_runs_side_by_side_equal_runs_alone_and_nan_stays_in_its_run():
                 assert torch.allclose(p_side[index], p_alone[0], atol=2e-5), (g.method, index)
 
 
+def test_graph_iteration_equals_eager_across_every_span(device):
+    """The static-buffer iteration (captured as CUDA graphs on a GPU, run eagerly on a CPU) trains
+    like the eager one through warm-up, AS-active and three lr spans; c, the warm-up branch and the
+    lr must be refilled or recaptured per span, or a group drifts."""
+    cfg = tiny_config(iters=60, variant="paper", methods="vae,introvae,sintrovae,asintrovae")
+    spans = toy2d.phases(cfg), toy2d.schedule(cfg.iters, cfg.warmup)
+    assert spans == (
+        [("warm-up", 0, 4), ("AS active", 4, 12), ("adversarial", 12, 60)],
+        (4, (20, 30)),
+    )
+    runs = toy2d.build_runs(cfg)
+    eager = toy2d.build_groups(runs, cfg, device)
+    graphed = toy2d.build_groups(runs, cfg, device, graphs=True)
+    toy2d.train(eager, cfg, 0, 60)
+    toy2d.train(graphed, cfg, 0, 60, graphs=True)
+    for g_e, g_g in zip(eager, graphed):
+        for p_e, p_g in zip(g_e.enc + g_e.dec, g_g.enc + g_g.dec):
+            assert torch.allclose(p_e, p_g, rtol=1e-4, atol=1e-6), g_e.method
+        assert (g_g.first_bad == -1).all()
+
+
+def test_graph_iteration_records_the_first_non_finite_iteration(device):
+    """A NaN batch at t = 10 (inside the AS-active span, past the capture on a GPU) is recorded on
+    the device for that run only."""
+    cfg = tiny_config(iters=60, variant="paper", methods="asintrovae")
+    group = toy2d.build_groups(toy2d.build_runs(cfg), cfg, device, graphs=True)[0]
+    draw = group.draw_block
+
+    def poisoned(k, batch_size):
+        data, noise = draw(k, batch_size)
+        data[10, 0, 0, 0] = float("nan")
+        return data, noise
+
+    group.draw_block = poisoned
+    toy2d.train([group], cfg, 0, 16, graphs=True)
+    assert group.first_bad.tolist() == [10, -1]
+
+
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     cfg = tiny_config(iters=60, variant="paper", seeds="3")
     runs = toy2d.build_runs(cfg)

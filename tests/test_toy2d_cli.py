@@ -281,8 +281,17 @@ def test_bad_flag_through_the_real_command_line():
         (["--warmup", "-5"], "--warmup"),
         (["--precision", "fp16"], "--precision"),
         (["--schedule", "cosine"], "--schedule"),
+        (["--graphs", "yes"], "--graphs"),
+        (["--device", "cpu", "--graphs", "on"], "--graphs on needs a CUDA device"),
     ]
-    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),
+    + (
+        []
+        if torch.cuda.is_available()
+        else [
+            (["--device", "cuda"], "CUDA is not available"),
+            (["--graphs", "on"], "--graphs on needs a CUDA device"),
+        ]
+    ),
 )
 def test_bad_flags_get_one_line_and_exit_2(args, word, capsys):
     with pytest.raises(SystemExit) as stop:
