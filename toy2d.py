@@ -814,9 +814,9 @@ class Stepper:
     lr, as written. graphs=True: the iteration reads its data, noise, c and t from static device
     buffers, and on CUDA one iteration is captured as a CUDA graph per span of iterations that
     share the learning rate and the phase (so every Python branch and every lr is fixed inside the
-    graph) and replayed for the rest of the span: no host sync, and per iteration two copies
-    per group and two fills instead of about a thousand kernel launches. On a CPU, graphs=True runs the same
-    static-buffer iteration eagerly (what the tests check against the eager path)."""
+    graph) and replayed for the rest of the span: no host sync, and per iteration two copies per
+    group and two fills instead of about a thousand kernel launches. On a CPU, graphs=True runs
+    the same static-buffer iteration eagerly (what the tests check against the eager path)."""
 
     EAGER_BEFORE_CAPTURE = 2  # real iterations run eagerly first: Adam's state, cuBLAS, autograd
 
