@@ -18,7 +18,7 @@ mix: each has its own weights, data stream, noise and Adam moments.
     python toy2d.py --combo C2 --methods sintrovae --mapping literal    # the other reading of C1-C3
     python toy2d.py --combo all --iters 1500                 # quick version (the schedule scales)
     python toy2d.py --bench 20 --dataset all --combo all     # ms/iteration per phase
-    python toy2d.py --dataset all --combo all --seeds 92,93,94 --device cuda  # 144 runs, CUDA graphs
+    python toy2d.py --dataset all --combo all --seeds 92,93,94 --device cuda  # 144 runs, graphs
 
 Outputs in --out (default runs/toy2d_<dataset>_<combo>_s<seeds>_<iters>_<hash of the flags>, so the
 same command finds its own folder): results.json (every run, with its coverage trace), table.md
