@@ -804,9 +804,15 @@ def phases(cfg):
     return [p for p in spans if p[2] > p[1]]
 
 
-def phase_of(cfg, t):
-    """The name of the phase iteration t falls in ("done" from cfg.iters on)."""
-    return next((name for name, a, b in phases(cfg) if a <= t < b), "done")
+def phase_of(spans, t):
+    """The name of the phase of phases(cfg) (spans) that iteration t falls in ("done" after)."""
+    return next((name for name, a, b in spans if a <= t < b), "done")
+
+
+def untimed_iterations(warm, graphs):
+    """Untimed iterations before a phase's timing: `warm`, and with graphs at least those before
+    and at the capture."""
+    return max(warm, Stepper.EAGER_BEFORE_CAPTURE + 1) if graphs else warm
 
 
 class Stepper:
@@ -825,6 +831,7 @@ class Stepper:
         self.device = groups[0].device
         self.warmup, self.milestones = schedule(cfg.iters, cfg.warmup)
         self.anneal = annealing_schedule(cfg)
+        self.phases = phases(cfg)  # looked up every iteration with graphs
         self.capture = graphs and self.device.type == "cuda"
         if self.capture:
             torch.cuda.set_device(self.device)  # graphs capture on the current device's streams
@@ -849,7 +856,7 @@ class Stepper:
                 g.set_lr(lr)
             self.iteration(t, xs, noises, t < self.warmup, c)
             return
-        span = (lr, phase_of(self.cfg, t))
+        span = (lr, phase_of(self.phases, t))
         if span != self.span:  # a new span: new lr and branches, so a new graph
             self.span, self.graph, self.eager_left = span, None, self.EAGER_BEFORE_CAPTURE
             for g in self.groups:
@@ -913,13 +920,12 @@ def train(groups, cfg, start, stop, ckpt_path=None, train_seconds=0.0, progress=
 def phase_costs(groups, cfg, n_iters, warm=2, graphs=False):
     """Measured seconds per iteration of all groups together in each phase of the run, as two
     dicts {phase name: seconds}: wall time and this process's CPU time (which other load on a
-    shared CPU disturbs less). From n_iters timed steps after `warm` untimed ones (with graphs,
-    at least those before and at the capture), on the given groups (their weights move: pass
-    fresh copies when the run must not notice)."""
+    shared CPU disturbs less). From n_iters timed steps after untimed_iterations(warm, graphs)
+    untimed ones, on the given groups (their weights move: pass fresh copies when the run must
+    not notice)."""
     device = groups[0].device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if graphs:
-        warm = max(warm, Stepper.EAGER_BEFORE_CAPTURE + 1)
+    warm = untimed_iterations(warm, graphs)
     stepper = Stepper(groups, cfg, graphs)
     blocks = [g.draw_block(1, cfg.batch_size) for g in groups]
     xs, noises = [data[0] for data, _ in blocks], [noise[0] for _, noise in blocks]
@@ -963,7 +969,7 @@ class PhaseProgress:
             return
         self.last, elapsed = now, now - self.tic
         eta = self.eta(t, elapsed)
-        phase = phase_of(self.cfg, t)
+        phase = phase_of(phases(self.cfg), t)
         rate = (t - self.start) / max(elapsed, 1e-9)
         self.stream.write(
             f"\rtoy2d train: {t}/{self.stop} it ({phase}) {rate:.1f} it/s, "
@@ -1518,7 +1524,8 @@ def main(argv=None):
             f"{cfg.precision}, {'CUDA graphs' if graphs else 'eager'}, "
             f"{torch.get_num_threads()} threads: "
             f"wall {describe_costs(costs, 'ms/iteration')}; process CPU "
-            f"{describe_costs(cpu_costs, 'ms/iteration')} (mean of {cfg.bench} after 2 untimed); "
+            f"{describe_costs(cpu_costs, 'ms/iteration')} (mean of {cfg.bench} after "
+            f"{untimed_iterations(2, graphs)} untimed); "
             f"projected {cfg.iters} iterations: {format_seconds(total)} wall, "
             f"{format_seconds(predicted_seconds(cfg, cpu_costs, 0, cfg.iters))} CPU"
         )
