@@ -44,12 +44,15 @@ import copy
 import dataclasses
 import datetime
 import functools
+import gzip
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import resource
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,7 +63,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from eval_metrics import (MetricInputError, Progress, frechet_distance, list_images, load_inception,
                           mse, parse_bool, psnr, sharpness, ssim, ssim_torch, stats_from_batches,
@@ -203,14 +206,23 @@ class Config:
         "torchrun: the AS-Distance (Eq. 7) over the batch gathered from all ranks, the loss of "
         "one process on the whole batch (false: over each rank's batch, no all_gather)",
     )
-    bf16: bool = option(
-        True, "CUDA only: bf16 autocast for the networks; losses and exp terms stay float32"
+    bf16: str = option(
+        "auto",
+        "auto | true | false: bf16 autocast for the networks, losses and exp terms in float32; "
+        "auto: bf16 on CUDA, fp32 on the CPU; --bench also takes both (one line per precision)",
     )
     compile: bool = option(
         False,
         "torch.compile the trained networks and the EMA decoder (in place: checkpoints unchanged); "
         "the first iterations compile",
     )
+    recon_every: int = option(
+        1000,
+        "iterations between reconstruction records (PSNR / SSIM / MSE, z = mu, on the first "
+        "--recon-images of the evaluation split) in log.jsonl and curves.png, and one at T "
+        "(0: none)",
+    )
+    recon_images: int = option(2000, "evaluation images of each reconstruction record")
     eval: str = option("", "evaluate this checkpoint into results.json and exit")
     eval_images: int = option(10000, "test images for PSNR / SSIM / MSE and sharpness (0: all)")
     fid_samples: int = option(
@@ -229,6 +241,11 @@ class Config:
     bench: int = option(
         0, "time this many iterations on synthetic data at the preset's shapes and exit"
     )
+    table: str = option(
+        "",
+        "finished run folders, comma-separated (a folder of run folders counts as all of them): "
+        "table.md, curves.png and pictures.png into --out (default runs/table); no training",
+    )
 
 
 CHOICES = {
@@ -241,6 +258,7 @@ CHOICES = {
     "adv_loss": ("minimax", "nonsaturating"),
     "device": ("auto", "cpu", "cuda"),
     "bn_mode": ("train", "eval"),
+    "bf16": ("auto", "true", "false", "both"),
 }
 
 # The released AS-IntroVAE run script's settings, one row per dataset; a flag overrides a value.
@@ -277,6 +295,7 @@ TORCHVISION_SETS = ("mnist", "fmnist", "cifar10", "svhn")
 IMAGE_CHANNELS = {"mnist": 1, "fmnist": 1}  # everything else is RGB (npz: from the array)
 # Flags that steer a run or its evaluation, not what is trained: they may change on resume, --eval.
 RUN_FLAGS = {"data_root", "test_root", "out", "max_iters", "log_every", "img_every", "ckpt_every",
+             "recon_every", "recon_images",
              "num_workers", "device", "bf16", "compile", "eval", "eval_images", "fid_samples",
              "fid_weights", "bn_mode", "bench"}
 
@@ -361,8 +380,9 @@ def make_config(given):
 
 def validate(cfg):
     positive = ("image_size", "z_dim", "batch_size", "epochs", "log_every", "img_every",
-                "ckpt_every")
+                "ckpt_every", "recon_images")
     non_negative = ("max_iters", "num_vae", "seed", "num_workers", "eval_images", "fid_samples",
+                    "recon_every",
                     "bench", "pretrain_epochs", "adv_epochs", "lambda_batches")
     if cfg.model in ADVERSARIAL_MODELS and cfg.pretrain_epochs + cfg.adv_epochs < 1:
         raise ConfigError("avae / avae-s need --pretrain-epochs + --adv-epochs >= 1")
@@ -378,6 +398,9 @@ def validate(cfg):
         raise ConfigError(
             f"need --lr > 0 and 0 <= --ema-decay < 1, got {cfg.lr} and {cfg.ema_decay}"
         )
+    if cfg.bf16 == "both" and not cfg.bench:
+        raise ConfigError("--bf16 both times both precisions with --bench; a run takes auto, true "
+                          "or false")
     if cfg.arch == "avae":
         if cfg.image_size % 2 ** len(TABLE_I_WIDTHS):
             raise ConfigError(
@@ -420,7 +443,7 @@ def run_name(cfg):
     return f"{cfg.dataset}_{cfg.model}{official}{arch}_s{cfg.seed}"
 
 
-def check_batch_sizes(cfg, train_images, eval_images):
+def check_batch_sizes(cfg, train_images, eval_images, recon_images=0):
     """With drop_last=False an epoch (or the evaluation) can end on a single image, which the
     minibatch estimator of AVAE-S Eq. 10 and AVAE-S Table I's BatchNorm1d layers cannot take:
     refuse before anything runs."""
@@ -429,6 +452,7 @@ def check_batch_sizes(cfg, train_images, eval_images):
     for what, count, flag in (
         ("training set", train_images, "--batch-size"),
         ("evaluation", eval_images, "--eval-images"),
+        ("reconstruction record", recon_images, "--recon-images"),
     ):
         if count % cfg.batch_size == 1:
             raise ConfigError(
@@ -520,8 +544,42 @@ def npz_images(path):
     return ImageArray(images.contiguous())
 
 
+# torchvision's folder and image files of the two IDX datasets (each file may also be .gz)
+IDX_FOLDERS = {"mnist": "MNIST", "fmnist": "FashionMNIST"}
+IDX_FILES = {True: "train-images-idx3-ubyte", False: "t10k-images-idx3-ubyte"}
+IDX_LABEL_FILES = ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def idx_images(folder, train):
+    """The MNIST-format image file of the split in folder (plain or .gz), read directly: no
+    extraction, so a read-only copy works. -> uint8 (N, H, W), or None when the file is absent."""
+    for path, opener in ((os.path.join(folder, IDX_FILES[train]), open),
+                         (os.path.join(folder, IDX_FILES[train] + ".gz"), gzip.open)):
+        if not os.path.isfile(path):
+            continue
+        try:
+            with opener(path, "rb") as handle:
+                data = handle.read()
+        except (OSError, EOFError) as error:
+            raise DataError(f"cannot read {path} ({type(error).__name__}): delete it and "
+                            "download again")
+        magic, count, height, width = struct.unpack(">IIII", data[:16]) if len(data) >= 16 else (
+            0, 0, 0, 0)
+        if magic != 2051 or len(data) != 16 + count * height * width:
+            raise DataError(f"{path} is not a complete IDX image file: delete it and download "
+                            "again")
+        return np.frombuffer(data, np.uint8, offset=16).reshape(count, height, width)
+    return None
+
+
 def torchvision_images(name, root, train):
-    """MNIST / FashionMNIST / CIFAR-10 / SVHN through torchvision (downloaded when missing)."""
+    """MNIST / FashionMNIST (torchvision's raw IDX files, read directly), CIFAR-10 / SVHN through
+    torchvision; downloaded when missing and online."""
+    if name in IDX_FOLDERS:
+        raw = os.path.join(root, IDX_FOLDERS[name], "raw")
+        images = idx_images(raw, train)
+        if images is not None:
+            return ImageArray(torch.from_numpy(images.copy())[:, None])
     dataset_class = {
         "mnist": torchvision.datasets.MNIST,
         "fmnist": torchvision.datasets.FashionMNIST,
@@ -533,6 +591,7 @@ def torchvision_images(name, root, train):
         dataset = dataset_class(root, download=False, **split)
     except RuntimeError:
         print(f"{name} not found under {root}: downloading it ...", flush=True)
+        folders_before = {folder for folder, _, _ in os.walk(root)}
         try:
             with (
                 contextlib.redirect_stdout(io.StringIO()),
@@ -540,11 +599,16 @@ def torchvision_images(name, root, train):
             ):
                 dataset = dataset_class(root, download=True, **split)
         except Exception as error:
-            raise DataError(
-                f"cannot load {name} from {root} ({type(error).__name__}); offline, put "
-                "torchvision's "
-                f"{name} files under {root} or pass --data-root"
-            )
+            for folder, _, _ in sorted(os.walk(root), key=lambda entry: -len(entry[0])):
+                if folder not in folders_before and not os.listdir(folder):
+                    os.rmdir(folder)  # a failed download leaves no empty folder behind
+            if name in IDX_FOLDERS:
+                files = ", ".join(f"{f}.gz" for f in (*IDX_FILES.values(), *IDX_LABEL_FILES))
+                where = f"put {files} under {os.path.join(root, IDX_FOLDERS[name], 'raw')}"
+            else:
+                where = f"put torchvision's {name} files under {root}"
+            raise DataError(f"cannot load {name} from {root} and cannot download it "
+                            f"({type(error).__name__}); offline, {where}, or pass --data-root")
     images = torch.as_tensor(np.asarray(dataset.data))
     if images.dim() == 3:  # MNIST, FashionMNIST: (N, H, W)
         images = images[:, None]
@@ -1624,12 +1688,42 @@ def update_ema(ema, decoder, decay):
         shadow.copy_(buffer)
 
 
+@torch.no_grad()
+def reconstruction_record(encoder, decoder, test_set, cfg, device, amp, bn_batch):
+    """PSNR / SSIM / MSE (eval_metrics, per image, then the mean) of the reconstructions with
+    z = mu of the first cfg.recon_images evaluation images: Table 3's measure, tracked during
+    training (Fig. 7's convergence). BatchNorm as in the final evaluation (cfg.bn_mode, bn_batch
+    images a forward, running averages restored); no random draw, so training is unchanged.
+    -> {"eval_psnr", "eval_ssim", "eval_mse", "eval_images"}."""
+    per_image = {"psnr": [], "ssim": [], "mse": []}
+    with batchnorm_mode([encoder, decoder], cfg.bn_mode):
+        for images in ordered_batches(test_set, bn_batch, cfg.recon_images, cfg.num_workers):
+            x = to_float(images, device)
+            with amp():
+                rec = decoder(encoder(x)[0]).clamp(0, 1)
+            x, rec = x.float().cpu(), rec.float().cpu()
+            for name, metric in (("psnr", psnr), ("ssim", ssim), ("mse", mse)):
+                per_image[name].append(metric(x, rec)[0])
+    per_image = {name: np.concatenate(values) for name, values in per_image.items()}
+    finite = per_image["psnr"][np.isfinite(per_image["psnr"])]
+    return {"eval_psnr": float(finite.mean()) if finite.size else math.inf,
+            "eval_ssim": float(per_image["ssim"].mean()),
+            "eval_mse": float(per_image["mse"].mean()), "eval_images": int(per_image["mse"].size)}
+
+
 # --------------------------------------------------------------------------------------------------
 # loop: device, state, checkpoints, logs, grids
 # --------------------------------------------------------------------------------------------------
+def uses_bf16(bf16, device):
+    """--bf16 auto | true | false on this device -> whether the networks run in bf16. A
+    checkpoint's config from before the flag took words holds True (= auto) or False."""
+    bf16 = {True: "auto", False: "false"}.get(bf16, bf16)
+    return bf16 == "true" or (bf16 == "auto" and device.type == "cuda")
+
+
 def setup_device(name, bf16, ranks=None):
-    """-> (device, amp), amp() a bf16 autocast context on CUDA (a no-op elsewhere); under
-    torchrun the rank's GPU, cuda:LOCAL_RANK."""
+    """-> (device, amp), amp() a bf16 autocast context on the device when uses_bf16 (else a
+    no-op); under torchrun the rank's GPU, cuda:LOCAL_RANK."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but no CUDA device is visible")
     device = torch.device(
@@ -1642,7 +1736,7 @@ def setup_device(name, bf16, ranks=None):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     amp = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16,
-                            enabled=bf16 and device.type == "cuda")
+                            enabled=uses_bf16(bf16, device))
     return device, amp
 
 
@@ -2140,7 +2234,8 @@ def plot_curves(records, path, keys):
     image.save(path)
 
 
-CURVE_KEYS = ("loss_e", "loss_d", "loss", "rec", "kl_real", "kl_rec", "kl_fake", "kl_diff",
+CURVE_KEYS = ("eval_psnr", "eval_ssim", "eval_mse",
+              "loss_e", "loss_d", "loss", "rec", "kl_real", "kl_rec", "kl_fake", "kl_diff",
               "exp_elbo_rec", "exp_elbo_fake", "as_dist", "c", "tc",
               *(f"term_{name}" for name in REC_TERMS), "loss_dis", "loss_adv", "disc_acc",
               "train_disc", "use_adv")
@@ -2162,7 +2257,7 @@ class Run:
     out_dir: str
     ckpt_path: str
     device: torch.device
-    amp: object  # amp() -> a bf16 autocast context on CUDA, a no-op elsewhere
+    amp: object  # amp() -> a bf16 autocast context (uses_bf16), else a no-op
     train_set: object
     test_set: object
     split: str  # the name of the evaluation split
@@ -2214,7 +2309,8 @@ def start_or_resume(cfg):
     iters_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_iters = iters_per_epoch * cfg.epochs  # T of Eq. 9, the last partial batch included
     stop = min(total_iters, cfg.max_iters) if cfg.max_iters else total_iters
-    check_batch_sizes(cfg, len(train_set), min(cfg.eval_images or len(test_set), len(test_set)))
+    check_batch_sizes(cfg, len(train_set), min(cfg.eval_images or len(test_set), len(test_set)),
+                      min(cfg.recon_images, len(test_set)) if cfg.recon_every else 0)
     check_rank_batches(cfg, len(train_set), ranks)
     seed_everything(cfg.seed)
     nets, opts = make_state(cfg, train_set.shape[0], device, ranks)
@@ -2391,6 +2487,22 @@ class TrainingLog:
         plot_curves(self.records, os.path.join(self.out_dir, "curves.png"), CURVE_KEYS)
         self.reset()
 
+    def add_record(self, step, values):
+        """A record of its own at `step` (the reconstruction record) into log.jsonl and curves.png,
+        on its own progress line."""
+        if not self.writer:
+            return
+        record = {"step": step, **values}
+        self.records.append(record)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        shown = " ".join(f"{key[5:]} {value:.4g}" for key, value in values.items()
+                         if key != "eval_images")
+        # its own line, also in a terminal, where the progress line is rewritten in place
+        print(f"{chr(10) if self.end == chr(13) else ''}step {step} reconstruction of "
+              f"{values['eval_images']} evaluation images (z = mu): {shown}", flush=True)
+        plot_curves(self.records, os.path.join(self.out_dir, "curves.png"), CURVE_KEYS)
+
     def close(self):
         if self.end == "\r":
             print()
@@ -2427,6 +2539,12 @@ def train(cfg):
             if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == run.stop:
                 watch.raise_if_diverged(run.ckpt_path)  # the one host sync of the interval
             log.add(step, epoch, stats, c, x.shape[0] * ranks.world, run.vae_s_state)
+            # at T too, not at --max-iters: a stopped and resumed run logs what an unbroken one does
+            if cfg.recon_every and (step % cfg.recon_every == 0 or step == run.total_iters):
+                # every rank runs the same forwards (SyncBatchNorm's collectives), rank 0 writes
+                log.add_record(step, reconstruction_record(
+                    unwrap(nets["encoder"]), unwrap(nets["decoder"]), run.test_set, cfg,
+                    run.device, run.amp, grid_batch))
             if step % cfg.img_every == 0 or step == run.stop:
                 path = os.path.join(run.out_dir, f"grid_{step:07d}.png")
                 # every rank runs the forwards (SyncBatchNorm's collectives), rank 0 saves
@@ -2776,6 +2894,221 @@ def run_evaluation(given):
     write_results(results, out_dir)
 
 
+# --------------------------------------------------------------------------------------------------
+# --table: finished runs side by side (the README's image tables and figures)
+# --------------------------------------------------------------------------------------------------
+# AS-IntroVAE Table 3 (test reconstructions, z = mu): PSNR, SSIM, MSE of S-IntroVAE and AS-IntroVAE.
+PAPER_TABLE3 = {
+    "mnist": {"sintrovae": (20.282, 0.885, 0.011), "asintrovae": (21.014, 0.898, 0.009)},
+    "cifar10": {"sintrovae": (19.300, 0.599, 0.019), "asintrovae": (19.445, 0.620, 0.019)},
+    "oxford": {"sintrovae": (15.372, 0.348, 0.049), "asintrovae": (20.168, 0.604, 0.013)},
+    "celeba128": {"sintrovae": (17.818, 0.561, 0.018), "asintrovae": (22.924, 0.801, 0.006)},
+    "celeba256": {"sintrovae": (22.422, 0.790, 0.007), "asintrovae": (23.156, 0.758, 0.006)},
+}
+METHOD_NAMES = {"vae": "VAE", "introvae": "IntroVAE", "sintrovae": "S-IntroVAE",
+                "asintrovae": "AS-IntroVAE", "vae-s": "VAE-S", "avae": "AVAE", "avae-s": "AVAE-S"}
+METHOD_COLOURS = ((110, 110, 110), (230, 140, 20), (40, 90, 200), (200, 30, 30), (150, 60, 170),
+                  (20, 150, 120), (120, 80, 40))
+# the curves of --table: log key, panel title (with unit)
+COMPARISON_CURVES = (("eval_psnr", "test PSNR (dB), z = mu"), ("eval_ssim", "test SSIM, z = mu"),
+                     ("eval_mse", "test MSE per pixel, z = mu"),
+                     ("kl_real", "KL(q(z|x) || p(z)) of real images (nats)"))
+
+
+def run_folders(spec):
+    """--table's comma-separated paths -> the run folders (those holding results.json), sorted;
+    a path without results.json stands for its sub-folders that have one."""
+    folders = []
+    for path in filter(None, (part.strip() for part in spec.split(","))):
+        if os.path.isfile(os.path.join(path, "results.json")):
+            folders.append(path)
+        elif os.path.isdir(path):
+            folders += sorted(os.path.join(path, name) for name in os.listdir(path)
+                              if os.path.isfile(os.path.join(path, name, "results.json")))
+        else:
+            raise DataError(f"--table: {path} is not a folder")
+    if not folders:
+        raise DataError(f"--table: no finished run (a folder with results.json) in {spec}")
+    return folders
+
+
+def read_run(folder):
+    """A finished run folder -> {"method", "dataset", "seed", "folder", "results", "records"}."""
+    with open(os.path.join(folder, "config.json")) as handle:
+        config = json.load(handle)
+    with open(os.path.join(folder, "results.json")) as handle:
+        results = json.load(handle)
+    official = config["model"] == "asintrovae" and config["variant"] == "official"
+    method = METHOD_NAMES.get(config["model"], config["model"]) + (" (official)" if official
+                                                                  else "")
+    return {"method": method, "model": config["model"], "dataset": config["dataset"],
+            "seed": config["seed"], "folder": folder, "results": results,
+            "records": read_log(os.path.join(folder, "log.jsonl"), math.inf)}
+
+
+def by_method(runs):
+    """{method: its runs by seed}, methods in the order of METHOD_NAMES."""
+    order = list(METHOD_NAMES)
+    groups = {}
+    for run in sorted(runs, key=lambda r: (order.index(r["model"]) if r["model"] in order
+                                           else len(order), r["method"], r["seed"])):
+        groups.setdefault(run["method"], []).append(run)
+    return groups
+
+
+def mean_and_spread(values, digits):
+    """"m ± s" (sample standard deviation over seeds) or "m" for one value."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def comparison_table(runs):
+    """table.md's text: per method, PSNR / SSIM / MSE of the test reconstructions, mean ± sample
+    std over seeds, beside the paper's Table 3 row; then one line per run."""
+    groups = by_method(runs)
+    lines = ["| method | seeds | PSNR (dB) ↑ | SSIM ↑ | MSE ↓ | paper Table 3 (PSNR / SSIM / MSE) |",
+             "|---|---|---|---|---|---|"]
+    for method, group in groups.items():
+        scores = [g["results"]["reconstruction"] for g in group]
+        paper = PAPER_TABLE3.get(group[0]["dataset"], {}).get(group[0]["model"])
+        paper = (" / ".join(f"{v:.3f}" for v in paper)
+                 if paper and "official" not in method else "")
+        lines.append(
+            f"| {method} | {','.join(str(g['seed']) for g in group)} | "
+            f"{mean_and_spread([r['psnr'] for r in scores], 3)} | "
+            f"{mean_and_spread([r['ssim'] for r in scores], 3)} | "
+            f"{mean_and_spread([r['mse'] for r in scores], 4)} | {paper} |")
+    lines += ["", "| run folder | method | seed | step | test images | PSNR | SSIM | MSE |",
+              "|---|---|---|---|---|---|---|---|"]
+    for method, group in groups.items():
+        for run in group:
+            rec = run["results"]["reconstruction"]
+            lines.append(f"| {run['folder']} | {method} | {run['seed']} | "
+                         f"{run['results']['step']} | {rec['images']} | {rec['psnr']:.3f} | "
+                         f"{rec['ssim']:.3f} | {rec['mse']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def nice_ticks(lo, hi, count=5):
+    """About `count` round tick values covering [lo, hi] (steps of 1, 2 or 5 x 10^k)."""
+    raw = (hi - lo) / max(count - 1, 1) or abs(hi) or 1.0
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)
+                if m * 10 ** math.floor(math.log10(raw)) >= raw))
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def draw_axes(draw, font, box, x_range, y_range, title, x_label):
+    """A framed panel with ticks on both axes; -> the data -> pixel mapping."""
+    left, top, right, bottom = box
+    (x0, x1), (y0, y1) = x_range, y_range
+    draw.rectangle(box, outline="black")
+    draw.text((left, top - 16), title, fill="black", font=font)
+
+    def to_pixel(x, y):
+        return (left + (x - x0) / (x1 - x0) * (right - left),
+                bottom - (y - y0) / (y1 - y0) * (bottom - top))
+
+    for tick in nice_ticks(y0, y1):
+        _, y = to_pixel(x0, tick)
+        draw.line((left - 4, y, left, y), fill="black")
+        draw.text((left - 8, y), f"{tick:.4g}", fill="black", font=font, anchor="rm")
+    for tick in nice_ticks(x0, x1):
+        x, _ = to_pixel(tick, y0)
+        draw.line((x, bottom, x, bottom + 4), fill="black")
+        draw.text((x, bottom + 6), f"{tick:.6g}", fill="black", font=font, anchor="mt")
+    draw.text(((left + right) / 2, bottom + 20), x_label, fill="black", font=font, anchor="mt")
+    return to_pixel
+
+
+def comparison_curves(runs, path, curves=COMPARISON_CURVES):
+    """curves.png: one panel per logged value against the iteration, one colour per method, a
+    line per seed; the legend names the methods and their seeds."""
+    groups = by_method(runs)
+    font = ImageFont.load_default()
+    width, height, cols = 460, 300, 2
+    rows = math.ceil(len(curves) / cols)
+    legend_height = 24 + 16 * math.ceil(len(groups) / 3)
+    image = Image.new("RGB", (cols * width, legend_height + rows * height), "white")
+    draw = ImageDraw.Draw(image)
+    colours = dict(zip(groups, METHOD_COLOURS * 2))
+    for i, (method, group) in enumerate(groups.items()):
+        x, y = 20 + (i % 3) * 300, 8 + 16 * (i // 3)
+        draw.line((x, y + 6, x + 24, y + 6), fill=colours[method], width=3)
+        seeds = ",".join(str(g["seed"]) for g in group)
+        draw.text((x + 30, y), f"{method} (seed{'s' if len(group) > 1 else ''} {seeds})",
+                  fill="black", font=font)
+    for index, (key, title) in enumerate(curves):
+        series = [(method, [(r["step"], r[key]) for r in run["records"]
+                            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])])
+                  for method, group in groups.items() for run in group]
+        points = [p for _, line in series for p in line]
+        x0 = legend_height + (index // cols) * height
+        box = (70 + (index % cols) * width, x0 + 24, (index % cols + 1) * width - 16,
+               x0 + height - 44)
+        if not points:
+            draw.rectangle(box, outline="black")
+            draw.text((box[0], box[1] - 16), f"{title}: not logged", fill="black", font=font)
+            continue
+        steps, values = zip(*points)
+        lo, hi = min(values), max(values)
+        pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
+        to_pixel = draw_axes(draw, font, box, (0, max(steps)), (lo - pad, hi + pad), title,
+                             "training iteration")
+        for method, line in series:
+            xy = [to_pixel(*p) for p in line]
+            if len(xy) > 1:
+                draw.line(xy, fill=colours[method], width=2)
+            for px, py in xy[-1:]:
+                draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colours[method])
+    image.save(path)
+
+
+def picture_sheet(runs, path):
+    """pictures.png: per method (its lowest seed) the EMA-decoder samples over the test
+    reconstructions (top row of each pair: real, bottom: reconstruction), labelled."""
+    groups = by_method(runs)
+    font = ImageFont.load_default()
+    panels = []
+    for method, group in groups.items():
+        run = group[0]
+        with Image.open(os.path.join(run["folder"], "samples.png")) as samples, \
+                Image.open(os.path.join(run["folder"], "reconstruction.png")) as rec:
+            samples, rec = samples.convert("RGB"), rec.convert("RGB")
+        scale = max(1, round(400 / samples.width))
+        samples = samples.resize((samples.width * scale, samples.height * scale), Image.NEAREST)
+        rec = rec.resize((rec.width * samples.width // rec.width,
+                          rec.height * samples.width // rec.width), Image.NEAREST)
+        panel = Image.new("RGB", (samples.width + 16, samples.height + rec.height + 64), "white")
+        draw = ImageDraw.Draw(panel)
+        draw.text((8, 4), f"{method}, seed {run['seed']}", fill="black", font=font)
+        draw.text((8, 18), "samples (EMA decoder)", fill="black", font=font)
+        panel.paste(samples, (8, 32))
+        draw.text((8, 36 + samples.height), "test images / reconstructions", fill="black",
+                  font=font)
+        panel.paste(rec, (8, 50 + samples.height))
+        panels.append(panel)
+    sheet = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)),
+                      "white")
+    x = 0
+    for panel in panels:
+        sheet.paste(panel, (x, 0))
+        x += panel.width
+    sheet.save(path)
+
+
+def write_comparison(spec, out_dir):
+    """--table: table.md, curves.png, pictures.png of the finished runs in spec, into out_dir."""
+    runs = [read_run(folder) for folder in run_folders(spec)]
+    os.makedirs(out_dir, exist_ok=True)
+    table = comparison_table(runs)
+    write_atomically(os.path.join(out_dir, "table.md"), lambda handle: handle.write(table))
+    comparison_curves(runs, os.path.join(out_dir, "curves.png"))
+    picture_sheet(runs, os.path.join(out_dir, "pictures.png"))
+    print(table + f"-> {out_dir}/table.md, curves.png, pictures.png ({len(runs)} runs)",
+          flush=True)
+
+
 def bench(cfg):
     """cfg.bench timed iterations (after 2 untimed ones) on random images at the config's shapes,
     of the model's last-phase step (avae / avae-s: the adversarial step)."""
@@ -2818,12 +3151,27 @@ def bench(cfg):
         f"bench {cfg.dataset} "
         f"{cfg.model}{'/' + cfg.variant if cfg.model == 'asintrovae' else ''}: batch "
         f"{cfg.batch_size}, {'x'.join(map(str, shape))}, z {cfg.z_dim}, {nets_described}, "
-        f"{'bf16' if cfg.bf16 and device.type == 'cuda' else 'fp32'}, {describe_device(device)}: "
+        f"{'bf16' if uses_bf16(cfg.bf16, device) else 'fp32'}, {describe_device(device)}: "
         f"{1000 * seconds:.1f} ms/iteration, {cfg.batch_size / seconds:.1f} img/s, {memory} "
         f"({cfg.bench} iterations; "
         f"{losses})",
         flush=True,
     )
+
+
+def bench_each_precision(cfg):
+    """bench(cfg); --bf16 both: fp32, then bf16, each in a fresh process so that each line's peak
+    memory is its own."""
+    if cfg.bf16 != "both":
+        bench(cfg)
+        return
+    context = multiprocessing.get_context("spawn")
+    for bf16 in ("false", "true"):
+        child = context.Process(target=bench, args=(dataclasses.replace(cfg, bf16=bf16),))
+        child.start()
+        child.join()
+        if child.exitcode:
+            raise ConfigError(f"the --bf16 {bf16} bench failed (exit code {child.exitcode})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2843,10 +3191,12 @@ def main(argv=None):
         if (given.get("eval") or given.get("bench")) and int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise ConfigError("--eval and --bench run in one process: start them with python, "
                               "not torchrun")
-        if given.get("eval"):
+        if given.get("table"):
+            write_comparison(given["table"], given.get("out") or os.path.join("runs", "table"))
+        elif given.get("eval"):
             run_evaluation(given)
         elif given.get("bench"):
-            bench(make_config(given))
+            bench_each_precision(make_config(given))
         else:
             train(make_config(given))
     except (ConfigError, DataError, CheckpointError, MetricInputError, TrainingDiverged) as error:

@@ -125,23 +125,23 @@ def format_seconds(seconds):
 
 
 class Progress:
-    """One line on stderr, rewritten with '\\r': done/total, rate, ETA.
+    """done/total, rate, ETA on stderr: one line rewritten with '\\r' on a terminal, a line per
+    update (at most one every 10 s) when redirected to a file or a pipe.
 
     `Progress(total, desc)`, `.update(n)`, `.close()` (or use it as a context manager).
 
     total may be None (no percentage / ETA). enabled=False makes every call a no-op.
     """
 
-    def __init__(self, total, desc="", unit="img", stream=None, min_interval=0.5, enabled=True):
+    def __init__(self, total, desc="", unit="img", stream=None, min_interval=None, enabled=True):
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = stream if stream is not None else sys.stderr
+        self.terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
+        if min_interval is None:
+            min_interval = 0.5 if self.terminal else 10.0
         self.min_interval, self.enabled = min_interval, enabled
-        self.done, self.start, self.last_print, self.printed = (
-            0,
-            time.perf_counter(),
-            -math.inf,
-            False,
-        )
+        self.done, self.start, self.last_print = 0, time.perf_counter(), -math.inf
+        self.shown = None  # the count the last written line showed
 
     def update(self, n=1):
         self.done += n
@@ -160,14 +160,15 @@ class Progress:
             timing = f"ETA {format_seconds(eta)}, elapsed {format_seconds(elapsed)}"
         else:
             where, timing = f"{self.done}", f"elapsed {format_seconds(elapsed)}"
-        self.stream.write(f"\r{self.desc}: {where} {rate:.1f} {self.unit}/s, {timing}  ")
+        line = f"{self.desc}: {where} {rate:.1f} {self.unit}/s, {timing}"
+        self.stream.write(f"\r{line}  " if self.terminal else f"{line}\n")
         self.stream.flush()
-        self.printed = True
+        self.shown = self.done
 
     def close(self):
-        if self.enabled and self.done:
+        if self.enabled and self.done and self.shown != self.done:
             self._write(time.perf_counter())
-        if self.printed:
+        if self.terminal and self.shown is not None:
             self.stream.write("\n")
             self.stream.flush()
         self.enabled = False
@@ -177,9 +178,9 @@ class Progress:
 
     def __exit__(self, exc_type, *exc):
         if exc_type is not None:  # wipe the line so an error message stands alone
-            if self.printed:
+            if self.terminal and self.shown is not None:
                 self.stream.write("\r" + " " * 100 + "\r")
-            self.printed = self.enabled = False
+            self.shown, self.enabled = None, False
         self.close()
 
 

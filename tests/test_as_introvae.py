@@ -2,6 +2,7 @@
 AS-Distance identity, the annealing schedule, the networks' shapes, the presets, and which weights
 each step may touch."""
 
+import gzip
 import math
 
 import numpy as np
@@ -562,3 +563,41 @@ def test_compile_keeps_the_modules_and_their_checkpoint_keys():
         assert net.state_dict().keys() == plain[name].state_dict().keys()
         plain[name].load_state_dict(net.state_dict())
     assert "compile" in asv.RUN_FLAGS
+
+
+# --------------------------------------------------------------------------------------------------
+# MNIST's IDX files read directly (no extraction), and the offline message when they are missing
+# --------------------------------------------------------------------------------------------------
+def write_idx(path, images, compress):
+    """An IDX3 image file: magic 2051, count, height, width (big-endian int32), then the bytes."""
+    header = np.array([2051, *images.shape], dtype=">i4").tobytes()
+    with (gzip.open if compress else open)(path, "wb") as handle:
+        handle.write(header + images.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_mnist_idx_files_are_read_as_written(tmp_path, compress):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
+    suffix = ".gz" if compress else ""
+    write_idx(raw / f"t10k-images-idx3-ubyte{suffix}", images, compress)
+    loaded = asv.torchvision_images("mnist", str(tmp_path), train=False).images
+    assert loaded.shape == (5, 1, 28, 28) and loaded.dtype == torch.uint8
+    assert np.array_equal(loaded[:, 0].numpy(), images)
+    (raw / f"t10k-images-idx3-ubyte{suffix}").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)
+    if compress:  # a truncated download: not gzip any more
+        (raw / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00broken")
+    with pytest.raises(asv.DataError, match="delete it and download again"):
+        asv.torchvision_images("mnist", str(tmp_path), train=False)
+
+
+def test_missing_mnist_offline_names_the_folder_and_files_and_leaves_nothing(tmp_path, capsys):
+    root = tmp_path / "data"
+    with pytest.raises(asv.DataError) as caught:
+        asv.torchvision_images("mnist", str(root), train=True)
+    message = str(caught.value)
+    assert str(root / "MNIST" / "raw") in message
+    assert all(f in message for f in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
+    assert not root.exists()  # the failed download's empty folders are gone
+    assert "downloading" in capsys.readouterr().out

@@ -64,7 +64,7 @@ def test_smoke_run_per_model(data, tmp_path, model, extra):
     ):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # no reconstruction record before 1000
     loss_keys = {"loss"} if model == "vae" else {"loss_e", "loss_d", "kl_rec", "kl_fake", "kl_diff"}
     assert loss_keys <= set(records[-1]) and "img_per_s" in records[-1]
     if model == "asintrovae":
@@ -279,6 +279,11 @@ BAD_INPUTS = {
         lambda tmp, data: foreign_checkpoint(tmp),
         "not an as_introvae.py checkpoint",
     ),
+    "bf16 both outside the bench": (
+        lambda tmp, data: tiny_flags(data, tmp / "r", "--bf16", "both"),
+        "--bf16 both times both precisions with --bench",
+    ),
+    "table of nothing": (lambda tmp, data: ["--table", str(tmp / "none")], "is not a folder"),
     "NaN loss": (
         lambda tmp, data: tiny_flags(data, tmp / "r", "--lr", "1e30"),
         "non-finite loss at step 1",
@@ -300,3 +305,75 @@ def test_mismatched_checkpoint_on_resume(data, tmp_path, capsys):
     assert asv.main(tiny_flags(data, tmp_path / "run", "--max-iters", "2", "--z-dim", "5")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "was made with --z-dim 4, this command has 5" in err[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# the reconstruction record during training, and --table over finished runs
+# --------------------------------------------------------------------------------------------------
+def test_reconstruction_record_is_the_final_evaluation_and_leaves_training_alone(data, tmp_path):
+    """--recon-every 4 logs PSNR / SSIM / MSE at steps 4, 8 and T = 9; at T it equals
+    results.json's score of the same 12 test images, and a run without records trains the same
+    weights, optimiser state and RNG bit for bit (the record draws nothing and restores
+    BatchNorm's running averages)."""
+    for name, every in (("with", "4"), ("without", "0")):
+        flags = tiny_flags(data, tmp_path / name, "--recon-every", every, "--recon-images", "12")
+        assert asv.main(flags) == 0
+    lines = (tmp_path / "with" / "log.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if "eval_psnr" in r]
+    assert [(r["step"], r["eval_images"]) for r in records] == [(4, 12), (8, 12), (9, 12)]
+    assert records[0]["eval_mse"] != records[1]["eval_mse"]
+    final = json.loads((tmp_path / "with" / "results.json").read_text())["reconstruction"]
+    assert final["images"] == 12
+    for key in ("psnr", "ssim", "mse"):
+        assert records[-1][f"eval_{key}"] == pytest.approx(final[key], rel=1e-12), key
+    assert "eval_psnr" not in (tmp_path / "without" / "log.jsonl").read_text()
+    one, two = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+                for name in ("with", "without"))
+    for part in ("nets", "opts", "rng"):
+        assert_identical(one[part], two[part], part)
+    assert asv.main(["--table", f"{tmp_path / 'with'},{tmp_path / 'without'}",
+                     "--out", str(tmp_path / "table")]) == 0
+    assert {"table.md", "curves.png", "pictures.png"} <= {p.name for p in
+                                                        (tmp_path / "table").iterdir()}
+
+
+def fake_run(folder, model, seed, psnr, ssim, mse, variant="paper"):
+    """A finished run folder as training leaves it, with the given final scores."""
+    folder.mkdir(parents=True)
+    config = {"model": model, "variant": variant, "dataset": "mnist", "seed": seed}
+    (folder / "config.json").write_text(json.dumps(config))
+    results = {"step": 300, "reconstruction": {"psnr": psnr, "ssim": ssim, "mse": mse,
+                                               "images": 10000}}
+    (folder / "results.json").write_text(json.dumps(results))
+    records = [{"step": 100 * k, "kl_real": 10.0 + k + seed, "img_per_s": 1.0} for k in (1, 2, 3)]
+    records += [{"step": 150 * k, "eval_psnr": psnr - 3 + k, "eval_ssim": ssim,
+                 "eval_mse": mse, "eval_images": 100} for k in (1, 2)]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for name, size in (("samples.png", (242, 242)), ("reconstruction.png", (482, 62))):
+        Image.new("RGB", size, (seed * 40, 0, 0)).save(folder / name)
+
+
+def test_table_means_and_sample_spread_over_seeds_beside_the_paper(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    fake_run(runs / "as_s0", "asintrovae", 0, 21.5, 0.9, 0.0072)
+    fake_run(runs / "s_s1", "sintrovae", 1, 21.0, 0.8, 0.010)
+    fake_run(runs / "s_s0", "sintrovae", 0, 19.0, 0.6, 0.014)
+    fake_run(runs / "vae_s0", "vae", 0, 18.0, 0.5, 0.02)
+    fake_run(runs / "official_s0", "asintrovae", 0, 17.0, 0.4, 0.03, variant="official")
+    (runs / "unfinished").mkdir()  # no results.json: not a run of the table
+    assert asv.main(["--table", str(runs), "--out", str(tmp_path / "t")]) == 0
+    rows = (tmp_path / "t" / "table.md").read_text().split("\n\n")[0].splitlines()[2:]
+    # S-IntroVAE: mean of 19 and 21 is 20, sample std sqrt(2) = 1.414; 0.6, 0.8 -> 0.7 ± 0.141
+    assert rows == [
+        "| VAE | 0 | 18.000 | 0.500 | 0.0200 |  |",
+        "| S-IntroVAE | 0,1 | 20.000 ± 1.414 | 0.700 ± 0.141 | 0.0120 ± 0.0028 "
+        "| 20.282 / 0.885 / 0.011 |",
+        "| AS-IntroVAE | 0 | 21.500 | 0.900 | 0.0072 | 21.014 / 0.898 / 0.009 |",
+        "| AS-IntroVAE (official) | 0 | 17.000 | 0.400 | 0.0300 |  |",
+    ]
+    with Image.open(tmp_path / "t" / "pictures.png") as sheet:
+        # four methods, each its lowest seed: 242 px samples doubled to 484, plus 16 px margin
+        assert sheet.size == (4 * (484 + 16), 484 + 62 + 64)  # reconstructions: 482 -> 484 wide
+        assert sheet.getpixel((8 + 100, 32 + 100)) == (0, 0, 0)  # VAE seed 0's picture
+    with Image.open(tmp_path / "t" / "curves.png") as curves:
+        assert curves.size == (2 * 460, 24 + 16 * 2 + 2 * 300)

@@ -62,7 +62,9 @@ def test_smoke_run_per_model(data, tmp_path, model):
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"new run {out}: {model}") and "T = 6, stop at 6" in lines[0]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    # a record per step, then the reconstruction record at T = 6
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 6] and "eval_psnr" in records[-1]
+    records = records[:-1]  # the training records
     assert all(np.isfinite(v) for r in records for k, v in r.items() if k.startswith("loss"))
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     results = json.loads((out / "results.json").read_text())

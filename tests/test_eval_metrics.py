@@ -440,15 +440,31 @@ def test_hist_kl_jsd_golden():
 # --------------------------------------------------------------------------------------------------
 # Progress
 # --------------------------------------------------------------------------------------------------
-def test_progress_one_line_with_rate_and_eta():
-    stream = io.StringIO()
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_one_line_with_rate_and_eta_on_a_terminal():
+    stream = Terminal()
     bar = em.Progress(10, "work", stream=stream, min_interval=0.0)
     for _ in range(10):
         bar.update()
     bar.close()
     text = stream.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n") and text.startswith("\rwork: 1/10")
+    assert text.count("\r") == 10  # each count once: close() does not repeat the last one
     assert "10/10 (100%)" in text and "img/s" in text and "ETA 0:00" in text
+
+def test_progress_in_a_file_is_a_line_per_update_each_once():
+    stream = io.StringIO()
+    with em.Progress(4, "work", stream=stream, min_interval=0.0) as bar:
+        for _ in range(4):
+            bar.update()
+    lines = stream.getvalue().split("\n")
+    assert "\r" not in stream.getvalue() and lines[-1] == ""
+    assert [line.split(" ")[1] for line in lines[:-1]] == ["1/4", "2/4", "3/4", "4/4"]
+    assert em.Progress(4, stream=io.StringIO()).min_interval == 10.0  # a file: every 10 s at most
     quiet = io.StringIO()
     with em.Progress(5, "x", stream=quiet, enabled=False) as bar:
         bar.update(5)
