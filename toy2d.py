@@ -91,7 +91,11 @@ class Config:
     graphs: str = option(
         "auto", "CUDA graphs, one captured iteration per span: auto (on with CUDA) | on | off"
     )
-    ckpt_every: int = option(2000, "iterations between checkpoints (rounded to data blocks of 50)")
+    ckpt_every: int = option(
+        0,
+        "iterations between checkpoints (at data block ends, every 50); 0: a tenth of --iters, "
+        "at most 2000, so that every run can resume",
+    )
     until: int = option(
         0, ">0: stop after this iteration (checkpointed); rerun without it to finish"
     )
@@ -895,6 +899,12 @@ class Stepper:
                 g.step(t, x, noise, warming_up, c, self.cfg.variant)
 
 
+def checkpoint_interval(cfg):
+    """Iterations between checkpoints: --ckpt-every, or a tenth of --iters (at most 2000, at
+    least one block of 50)."""
+    return cfg.ckpt_every or min(2000, max(BLOCK, cfg.iters // 10))
+
+
 def train(groups, cfg, start, stop, ckpt_path=None, train_seconds=0.0, progress=None, graphs=False):
     """Iterations start..stop-1 of every group, side by side, with coverage records every
     cfg.trace_every iterations. Returns the wall seconds spent (cumulative)."""
@@ -911,7 +921,7 @@ def train(groups, cfg, start, stop, ckpt_path=None, train_seconds=0.0, progress=
                 g.record_coverage(t)
         if progress is not None:
             progress.update(t)
-        if ckpt_path and (t - t_ckpt >= cfg.ckpt_every or t == stop):
+        if ckpt_path and (t - t_ckpt >= checkpoint_interval(cfg) or t == stop):
             save_checkpoint(ckpt_path, groups, cfg, t, train_seconds + time.time() - tic)
             t_ckpt = t
     return train_seconds + time.time() - tic
@@ -1451,9 +1461,11 @@ def parse_config(argv):
         parser.error(f"--seeds {cfg.seeds!r}: use a comma list of integers")
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         parser.error(f"--seeds {cfg.seeds!r}: seeds must be distinct and >= 0")
-    for name in ("iters", "batch_size", "hidden", "n_eval", "grid", "ckpt_every", "trace_every"):
+    for name in ("iters", "batch_size", "hidden", "n_eval", "grid", "trace_every"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.ckpt_every < 0:
+        parser.error("--ckpt-every must be >= 0 (0: a tenth of --iters)")
     if cfg.trace_every % BLOCK:
         parser.error(f"--trace-every {cfg.trace_every}: use a multiple of {BLOCK}")
     if cfg.warmup < -1:
@@ -1547,9 +1559,16 @@ def main(argv=None):
                 file=sys.stderr,
             )
             return 2
+        start, train_seconds = ckpt["iteration"], ckpt["train_seconds"]
+        table_path = os.path.join(out_dir, "table.md")  # written after results.json
+        if start >= cfg.iters and os.path.exists(table_path):
+            with open(table_path) as fh:
+                print(fh.read().rstrip())
+            print(f"already done: {out_dir} holds the finished run (delete its table.md to "
+                  "evaluate again, or pass another --out)")
+            return 0
         for g, state in zip(groups, ckpt["groups"]):
             g.load(state)
-        start, train_seconds = ckpt["iteration"], ckpt["train_seconds"]
         print(f"resuming from {ckpt_path} at iteration {start}")
 
     print(

@@ -3,6 +3,9 @@ flags."""
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -73,14 +76,52 @@ def test_smoke_run_writes_results_samples_and_pngs(smoke):
     assert "ms/iteration" not in result.stdout
 
 
-def test_rerun_resumes_from_checkpoint_with_same_results(smoke, capsys):
+def test_rerun_of_a_finished_run_says_done_and_evaluates_again_only_without_its_table(
+    smoke, capsys
+):
     out, _ = smoke
     before = json.loads((out / "results.json").read_text())
+    stamp = (out / "results.json").stat().st_mtime_ns
+    assert toy2d_module.main(["--combo", "C2", *TINY, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "already done" in printed and "| AS-IntroVAE |" in printed
+    assert (out / "results.json").stat().st_mtime_ns == stamp  # nothing evaluated again
+    (out / "table.md").unlink()
     assert toy2d_module.main(["--combo", "C2", *TINY, "--out", str(out)]) == 0
     assert "at iteration 12" in capsys.readouterr().out
     after = json.loads((out / "results.json").read_text())
     for a, b in zip(before, after):
         assert a["kl_paper"] == b["kl_paper"] and a["gnelbo"] == b["gnelbo"]
+
+
+def test_checkpoints_fall_every_tenth_of_the_run_unless_asked():
+    def interval(*args):
+        return toy2d_module.checkpoint_interval(toy2d_module.parse_config(list(args)))
+
+    assert interval("--iters", "1500") == 150 and interval("--iters", "30000") == 2000
+    assert interval("--iters", "120") == 50  # at least one data block
+    assert interval("--iters", "1500", "--ckpt-every", "700") == 700
+
+
+def test_a_short_default_run_killed_mid_training_resumes(tmp_path):
+    """The real command, killed (SIGKILL) as soon as its first checkpoint exists, then typed
+    again: it resumes from an iteration inside the run, without --ckpt-every."""
+    args = ["--combo", "C2", "--methods", "vae", "--iters", "4000", "--batch-size", "8",
+            "--hidden", "8", "--n-eval", "200", "--grid", "32", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "toy2d.py"), *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert checkpoint.exists() and not (tmp_path / "run" / "results.json").exists()
+    result = run_script("toy2d.py", args, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    resumed_at = int(result.stdout.split("at iteration ")[1].split()[0])
+    assert resumed_at % 400 == 0 and 0 < resumed_at < 4000  # a tenth of --iters
 
 
 def test_checkpoint_from_other_flags_is_refused(smoke, capsys):
@@ -181,7 +222,7 @@ def test_default_folder_is_named_from_the_flags(tmp_path, monkeypatch, capsys):
     assert len(folders) == 1 and folders[0].name.startswith("toy2d_8gaussians_C2_s92_50_")
     capsys.readouterr()
     assert toy2d_module.main(args) == 0
-    assert "at iteration 50" in capsys.readouterr().out
+    assert f"already done: {os.path.join('runs', folders[0].name)}" in capsys.readouterr().out
     assert toy2d_module.main(args + ["--warmup", "0"]) == 0
     assert len(list((tmp_path / "runs").iterdir())) == 2
     cfg = toy2d_module.parse_config(args + ["--ckpt-every", "100", "--device", "cpu"])
