@@ -54,6 +54,7 @@ import random
 import resource
 import struct
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -317,19 +318,55 @@ class OneLineParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
+def shown(value):
+    """A flag value as it is typed: 64,128,256; true / false; none for an empty text."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "none" if value == "" else str(value)
+
+
+PRESET_FIELDS = {name for row in PRESETS.values() for name in row}
+PRESET_COLUMNS = ("image_size", "channels", "z_dim", "batch_size", "epochs", "beta_kl", "beta_rec",
+                  "beta_neg", "margin", "hflip")
+
+
+def presets_text():
+    """--help's epilog: each dataset's preset row, and the model preset of introvae."""
+    header = ("dataset", "size", "channels", "z", "batch", "epochs", "beta_kl", "beta_rec",
+              "beta_neg", "margin", "hflip")
+    rows = [header] + [(name, *(shown(row.get(key, getattr(Config, key)))
+                                for key in PRESET_COLUMNS))
+                       for name, row in PRESETS.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    table = "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                      for row in rows)
+    introvae = ", ".join(f"{key} {value}" for key, value in MODEL_PRESETS["introvae"].items())
+    return (f"dataset presets (a flag given overrides its value; folder and npz take the row of\n"
+            f"their image size, 28, 32, 128 or 256 px):\n{table}\n--model introvae also sets "
+            f"{introvae}.\nA run prints its effective config when it starts.")
+
+
 def build_parser():
     """One --flag per Config field; only the flags actually given end up in the namespace."""
     summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph
     parser = OneLineParser(description=summary, argument_default=argparse.SUPPRESS,
-                           allow_abbrev=False)
+                           allow_abbrev=False, epilog=presets_text(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parse = {int: int, float: float, str: str, bool: parse_bool, tuple: parse_channels}
+    metavars = {bool: "true|false", tuple: "C1,C2,..."}
     for f in dataclasses.fields(Config):
+        default = shown(f.default)
+        if f.name in PRESET_FIELDS:
+            default = f"from the dataset preset (see below); without one {default}"
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             type=parse[f.type],
             choices=CHOICES.get(f.name),
-            help=f"{f.metadata['help']} (default {f.default})",
+            metavar=metavars.get(f.type),
+            help=f"{f.metadata['help']} (default: {default})",
         )
     return parser
 
@@ -2085,7 +2122,8 @@ def load_checkpoint(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(error).__name__}): corrupt or not a checkpoint"
+            f"cannot read checkpoint {path} ({type(error).__name__}): corrupt or not a "
+            "checkpoint; delete it to start the run over, or pass another --out"
         )
     needed = {"step", "total_iters", "config", "rng", "nets", "opts"}
     if not isinstance(state, dict) or not needed <= set(state):
@@ -2339,6 +2377,7 @@ def start_or_resume(cfg):
               f"iterations/epoch, T = {total_iters}, stop at {stop}, {describe_device(device)}"
               + (f", {ranks.world} torchrun ranks of {cfg.batch_size // ranks.world} images"
                  if ranks.world > 1 else ""), flush=True)
+    say(effective_config(cfg, device), flush=True)
     derived = {"image_shape": train_set.shape, "s": s, "train_images": len(train_set),
                "eval_split": split, "iters_per_epoch": iters_per_epoch, "total_iters": total_iters,
                "device": describe_device(device), "torch": torch.__version__,
@@ -2355,6 +2394,16 @@ def start_or_resume(cfg):
     return Run(out_dir, ckpt_path, device, amp, train_set, test_set, split, s, iters_per_epoch,
                total_iters, stop, schedule, nets, opts, vae_s_state, step,
                resumed=state is not None, ranks=ranks)
+
+
+def effective_config(cfg, device):
+    """The flags that decide what is trained, after the presets, as they would be typed, and the
+    precision the networks run in; wrapped to 100 columns."""
+    flags = " ".join(f"--{f.name.replace('_', '-')} {shown(getattr(cfg, f.name))}"
+                      for f in dataclasses.fields(Config) if f.name not in RUN_FLAGS | {"table"})
+    precision = "bf16" if uses_bf16(cfg.bf16, device) else "fp32"
+    return textwrap.fill(f"config: {flags} ({precision})", 100, subsequent_indent="  ",
+                         break_on_hyphens=False)
 
 
 def check_rank_batches(cfg, train_images, ranks):
@@ -2798,13 +2847,10 @@ def fid_of_samples(cfg, sample, train_set, device, ranks=None):
     if cfg.fid_samples == 0:
         return {"value": None, "note": "skipped (--fid-samples 0)"}
     try:
-        inception = load_inception(cfg.fid_weights or None, device=str(device))
+        inception = load_inception(cfg.fid_weights or None, device=str(device),
+                                   flag="--fid-weights")
     except MetricInputError as error:
-        print(
-            f"FID skipped: {error} (in this script: --fid-weights PATH); the rest of the "
-            "evaluation still runs",
-            flush=True,
-        )
+        print(f"FID skipped: {error}; the rest of the evaluation still runs", flush=True)
         return {"value": None, "note": f"skipped: {error}"}
     count = min(cfg.fid_samples, len(train_set))
     mine = np.array_split(np.arange(count), ranks.world)[ranks.rank]  # this rank's images

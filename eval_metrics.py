@@ -471,7 +471,7 @@ def _file_sha256(path):
     return digest.hexdigest()
 
 
-def load_inception(weights=None, device="cpu", dims=2048, bn_batch_stats=False):
+def load_inception(weights=None, device="cpu", dims=2048, bn_batch_stats=False, flag="--weights"):
     """InceptionV3FID with the FID weights loaded strictly, on `device`, in eval mode (train-mode
     BatchNorm only with bn_batch_stats=True; its momentum is set to 0 so the running stats never
     move).
@@ -479,7 +479,7 @@ def load_inception(weights=None, device="cpu", dims=2048, bn_batch_stats=False):
     weights: a file path, or None for the torch hub cache file (downloaded from pytorch-fid's
     release when missing and online). Wrong keys or an unreadable file raise MetricInputError; a
     file whose sha256 does not start with 6726825d loads with a MetricWarning (not the official
-    weights).
+    weights). flag: the calling script's option for the file, named in the message.
     """
     path = weights or default_weights_path()
     if not os.path.isfile(path):
@@ -494,7 +494,7 @@ def load_inception(weights=None, device="cpu", dims=2048, bn_batch_stats=False):
             raise MetricInputError(
                 f"FID Inception weights unavailable ({type(error).__name__}); put "
                 f"{FID_WEIGHTS_FILE} from {FID_WEIGHTS_URL} at {path} or pass its path "
-                f"(--weights PATH)"
+                f"({flag} PATH)"
             )
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -1277,10 +1277,19 @@ def _pytorch_fid_extractor(InceptionV3, weights, torch_home, cfg):
     return extract
 
 
+POSITIONAL_HELP = {
+    "A": "the first image set: a folder of images (read recursively) or a .npz with mu, sigma",
+    "B": "the second image set, the same kinds",
+    "DIR": "a folder of images (read recursively)",
+    "OUT": "the .npz file to write",
+    "REAL_DIR": "the folder of real images",
+    "REC_DIR": "the folder of reconstructions, paired with REAL_DIR by relative path",
+}
 SUBCOMMANDS = {
     # name: (help, positional arguments, config fields it uses)
     "fid": (
-        "FID between two image folders or .npz stats files",
+        "FID between two image sets A and B, each an image folder or a pytorch-fid .npz stats "
+        "file (mu, sigma)",
         ("A", "B"),
         ("weights", "device", "batch_size", "dims", "bn_batch_stats", "frechet_method", "progress"),
     ),
@@ -1326,13 +1335,14 @@ def parse_bool(text):
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """Usage mistakes as one line on stderr ('error: ...') and exit code 2, like bad input."""
+    """Usage mistakes as one line on stderr ('eval_metrics.py: error: ...') and exit code 2, like
+    bad input."""
 
     def error(self, message):
         hint = (
             "boolean options take a value, e.g. --progress false; " if " --no-" in message else ""
         )
-        self.exit(2, f"error: {message} ({hint}see {self.prog} --help)\n")
+        self.exit(2, f"eval_metrics.py: error: {message} ({hint}see {self.prog} --help)\n")
 
 
 def build_parser():
@@ -1340,6 +1350,7 @@ def build_parser():
     Every boolean option takes a value: --progress false (parse_bool)."""
     parser = _OneLineParser(
         description=__doc__.split("\n")[0],
+        epilog="Each subcommand has its own help: eval_metrics.py fid --help, and so on.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
@@ -1348,7 +1359,7 @@ def build_parser():
     for name, (help_text, positionals, field_names) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         for positional in positionals:
-            sub.add_argument(positional)
+            sub.add_argument(positional, help=POSITIONAL_HELP[positional])
         for field_name in field_names:
             spec = fields[field_name]
             flag = "--" + field_name.replace("_", "-")
@@ -1367,7 +1378,8 @@ def build_parser():
 
 
 def main(argv=None):
-    """Parse, run one subcommand; MetricInputError -> 'error: <message>' on stderr, exit code 2."""
+    """Parse, run one subcommand; MetricInputError -> 'eval_metrics.py: error: <message>' on
+    stderr, exit code 2."""
     args = build_parser().parse_args(argv)
     known = {f.name for f in dataclasses.fields(MetricsConfig)}
     cfg = MetricsConfig(**{k: v for k, v in vars(args).items() if k in known})
@@ -1399,7 +1411,7 @@ def _run_command(args, cfg):
         else:
             run_bench(cfg)
     except MetricInputError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"eval_metrics.py: error: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -1551,7 +1551,9 @@ def main(argv=None):
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as err:  # a torn or foreign file: say so in one line
-            print(f"toy2d.py: error: cannot read checkpoint {ckpt_path}: {err}", file=sys.stderr)
+            print(f"toy2d.py: error: cannot read checkpoint {ckpt_path} ({type(err).__name__}): "
+                  "corrupt or not a checkpoint; delete it to start over, or pass another --out",
+                  file=sys.stderr)
             return 2
         if ckpt.get("config") != checkpoint_config(cfg):
             print(

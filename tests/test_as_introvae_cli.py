@@ -50,6 +50,8 @@ def test_smoke_run_per_model(data, tmp_path, model, extra):
     result = run_cli(tiny_flags(data, out, "--model", model, "--max-iters", "4", *extra), tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith(f"new run {out}: {model}")
+    config = result.stdout.split("\nconfig: ")[1].split(")\n")[0].replace("\n  ", " ")
+    assert f"--model {model} " in config and "--channels 8,16 --z-dim 4 --batch-size 8" in config
     for name in (
         "config.json",
         "log.jsonl",
@@ -89,14 +91,30 @@ def test_smoke_run_per_model(data, tmp_path, model, extra):
     if (
         "--fid-samples" in extra
     ):  # no weights offline: one line on how to provide them, the rest still ran
-        assert results["fid"]["value"] is None
+        assert results["fid"]["value"] is None and "--fid-weights" in results["fid"]["note"]
         assert (
             sum(
-                "FID skipped" in line and "--fid-weights" in line
+                "FID skipped" in line and "(--fid-weights PATH)" in line
+                and "--weights" not in line.replace("--fid-weights", "")
                 for line in result.stdout.splitlines()
             )
             == 1
         )
+
+
+def test_help_shows_the_presets_and_defaults_as_typed(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        asv.main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    flat = " ".join(text.split())
+    assert "--z-dim Z_DIM latent size D (default: from the dataset preset (see below); without " \
+        "one 128)" in flat
+    assert "--hflip true|false" in flat and "--channels C1,C2,..." in flat
+    assert "--fid-weights FID_WEIGHTS" in flat and "(default: none)" in flat
+    mnist = next(line for line in text.splitlines() if line.startswith("  mnist "))
+    assert mnist.split() == ["mnist", "28", "64,128", "32", "128", "100", "1.0", "1.0", "256.0",
+                             "10.0", "false"]
 
 
 def test_folder_dataset_and_real_cli_exit_code(tmp_path):
@@ -274,7 +292,10 @@ BAD_INPUTS = {
         lambda tmp, data: tiny_flags(data, tmp / "r", "--image-size", "32"),
         "this run expects",
     ),
-    "corrupt checkpoint": (lambda tmp, data: corrupt_checkpoint(tmp), "cannot read checkpoint"),
+    "corrupt checkpoint": (
+        lambda tmp, data: corrupt_checkpoint(tmp),
+        "(UnpicklingError): corrupt or not a checkpoint; delete it to start the run over",
+    ),
     "foreign checkpoint": (
         lambda tmp, data: foreign_checkpoint(tmp),
         "not an as_introvae.py checkpoint",

@@ -493,7 +493,7 @@ def run_cli(capsys, *argv):
 def assert_one_line_error(code, err, needle):
     assert code == 2
     assert (
-        err.startswith("error: ")
+        err.startswith("eval_metrics.py: error: ")
         and err.count("\n") == 1
         and needle in err
         and "Traceback" not in err
@@ -658,7 +658,7 @@ def test_cli_process_exit_code_and_help(capsys):
     assert (
         result.returncode == 2
         and result.stdout == ""
-        and result.stderr == "error: no such folder: /no/such/dir\n"
+        and result.stderr == "eval_metrics.py: error: no such folder: /no/such/dir\n"
     )
     for command in ("fid", "stats", "recon", "sharpness", "bench"):
         with pytest.raises(SystemExit) as exit_info:
@@ -686,7 +686,7 @@ def test_boolean_options_take_a_value(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             em.main(["sharpness", folder, *argv])
         err = capsys.readouterr()[1]
-        assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+        assert exit_info.value.code == 2 and err.startswith("eval_metrics.py: error: ") and err.count("\n") == 1
         assert needle in err and err.endswith("--help)\n"), err
     assert em.parse_bool("Yes") is True and em.parse_bool("OFF") is False
 

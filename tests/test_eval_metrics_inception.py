@@ -439,7 +439,7 @@ def test_generator_and_batches_equal_in_memory_stats(ours64_cpu):
 def assert_cli_error(capsys, argv, needle):
     assert em.main(argv) == 2
     err = capsys.readouterr()[1]
-    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert err.startswith("eval_metrics.py: error: ") and err.count("\n") == 1 and needle in err, err
 
 
 def test_bad_weights_and_folders(weights_file, folders, tmp_path, capsys, monkeypatch):
