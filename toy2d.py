@@ -1138,9 +1138,13 @@ def evaluate(groups, cfg, out_dir, train_seconds, failures):
             record["trace"] = [
                 {"t": e["t"], "modes": e["modes"][i], "kl_paper": e["kl_paper"][i]} for e in g.trace
             ]
+            kl_text = "n/a" if record.get("kl_paper") is None else f"{record['kl_paper']:.1f}"
+            modes_text = ("-" if record.get("modes") is None
+                          else f"{record['modes']}/{record['n_modes']}")
             title = (
                 f"{METHOD_NAMES[run.method]}, {run.combo} "
-                f"({run.beta_kl:g}, {run.beta_rec:g}, {run.beta_neg:g})"
+                f"({run.beta_kl:g}, {run.beta_rec:g}, {run.beta_neg:g})\n"
+                f"KL {kl_text}, modes {modes_text}"
             )
             scatter = draw_scatter(fake[i], span, title, real=real_hist[i])
             scatter.save(os.path.join(out_dir, f"scatter_{run.tag}.png"))
@@ -1165,16 +1169,17 @@ def jet(values):
     return (rgb * 255).astype(np.uint8)
 
 
-def frame_panel(body, span, title):
-    """Put an (H, W, 3) uint8 picture of [-span, span]^2 in a frame with a title and axis labels."""
+def frame_panel(body, span, title, right=8):
+    """Put an (H, W, 3) uint8 picture of [-span, span]^2 in a frame with a title (one or two lines)
+    and axis labels; `right` px of white margin for a colour bar."""
     font = ImageFont.load_default()
     height, width = body.shape[:2]
-    left, top, bottom, right = 30, 18, 16, 8
+    left, top, bottom = 30, 6 + 12 * len(title.split("\n")), 16
     panel = Image.new("RGB", (left + width + right, top + height + bottom), "white")
     panel.paste(Image.fromarray(body), (left, top))
     draw = ImageDraw.Draw(panel)
     draw.rectangle([left - 1, top - 1, left + width, top + height], outline="black")
-    draw.text((left, 3), title, fill="black", font=font)
+    draw.multiline_text((left, 3), title, fill="black", font=font, spacing=2)
     for frac, label in ((0.0, f"{-span:g}"), (0.5, "0"), (1.0, f"{span:g}")):
         x = left + frac * (width - 1)
         draw.line([x, top + height, x, top + height + 3], fill="black")
@@ -1209,9 +1214,20 @@ def draw_scatter(points, span, title, size=220, real=None):
 
 
 def draw_density(density, span, title):
-    """exp(-L) on the grid (image orientation), scaled to its maximum, in the jet colour map."""
+    """exp(-L) on the grid (image orientation), scaled to its maximum, in the jet colour map, with
+    a colour bar from 0 to 1 (of the maximum) on the right."""
     peak = density.max() if np.isfinite(density).all() and density.max() > 0 else 1.0
-    return frame_panel(jet(density / peak), span, title)
+    panel = frame_panel(jet(density / peak), span, title, right=64)
+    size, font = density.shape[0], ImageFont.load_default()
+    bar = jet(np.linspace(1, 0, size)[:, None].repeat(12, 1))  # (size, 12, 3), 1 at the top
+    top, x = panel.height - 16 - size, panel.width - 56
+    panel.paste(Image.fromarray(bar), (x, top))
+    draw = ImageDraw.Draw(panel)
+    draw.rectangle([x - 1, top - 1, x + 12, top + size], outline="black")
+    for frac, label in ((0.0, "1"), (1.0, "0")):
+        draw.text((x + 16, top + frac * (size - 1) - 5), label, fill="black", font=font)
+    draw.text((x + 16, top + size // 2 - 12), "exp(-L)\n/ max", fill="black", font=font)
+    return panel
 
 
 def draw_overview(panels, header, row_labels=None):
@@ -1277,18 +1293,21 @@ def write_overviews(records, out_dir, folders=None):
         labels = [f"{combo}: {label}" for combo, label in rows]
         one_setting = len({label for _, label in rows}) == 1
         first = mine[0][0]
+        label = rows[0][1] if one_setting else "setting per row"
         header = (
-            f"{dataset}, seed {seed}, {first['iters']} iterations, "
-            f"{rows[0][1] if one_setting else 'setting per row'}, mapping {first['mapping']}; "
-            "rows: combos, columns: methods; grey: real points"
+            f"{dataset}, seed {seed}, {label}"
+            f"{' (30000 iterations)' if label == 'protocol' else ''}, mapping {first['mapping']}; "
+            "rows: combos (beta_kl, beta_rec, beta_neg), columns: methods; grey: data, green: "
+            "samples; KL in the paper's convention"
         )
         sheet = draw_overview(panels, header, row_labels=None if one_setting else labels)
         sheet.save(os.path.join(out_dir, f"overview_{dataset}_{seed}.png"))
 
 
-def draw_coverage_panel(record, width=300, height=150):
-    """Modes covered (blue, left scale 0..n_modes) and paper-KL (red, right scale 0..max) against
-    iteration; warm-up shaded grey, the AS-Distance's active span (AS-IntroVAE) shaded yellow."""
+def draw_coverage_panel(record, width=300, height=150, kl_top=None):
+    """Modes covered (blue, left scale 0..n_modes) and paper-KL (red, right scale 0..kl_top, by
+    default the run's own maximum) against iteration; warm-up shaded grey, the AS-Distance's
+    active span (AS-IntroVAE) shaded yellow."""
     cfg = Config(
         iters=record["iters"],
         warmup=record["warmup"],
@@ -1310,8 +1329,7 @@ def draw_coverage_panel(record, width=300, height=150):
     draw.rectangle([left - 1, top - 1, left + width, top + height], outline="black")
     n_modes = record.get("n_modes") or {"rings": 4}.get(record["dataset"], 8)
     trace = record["trace"]
-    kls = [e["kl_paper"] for e in trace if e["kl_paper"] is not None]
-    kl_top = max(kls) * 1.05 if kls and max(kls) > 0 else 1.0
+    kl_top = kl_top or coverage_kl_top([record])
     for key, scale, colour in (("modes", n_modes, (0, 60, 200)), ("kl_paper", kl_top, (200, 0, 0))):
         points = [
             (x_of(e["t"]), top + (1 - e[key] / scale) * (height - 1))
@@ -1328,19 +1346,32 @@ def draw_coverage_panel(record, width=300, height=150):
     draw.text((2, top + height - 10), "0", fill=(0, 60, 200), font=font)
     draw.text((left + width + 3, top - 4), f"{kl_top:.0f}", fill=(200, 0, 0), font=font)
     draw.text((left + width + 3, top + height - 10), "0", fill=(200, 0, 0), font=font)
-    draw.text((left, top + height + 2), f"0 .. {cfg.iters} iterations", fill="black", font=font)
+    for k in range(5):  # x ticks at quarters of the run
+        t = cfg.iters * k // 4
+        draw.line([x_of(t), top + height, x_of(t), top + height + 3], fill="black")
+        text = f"{t}" if k < 4 else f"{t} it"
+        draw.text((x_of(t) - 3 * len(text) * (k > 0), top + height + 3), text, fill="black",
+                  font=font)
     return panel
+
+
+def coverage_kl_top(records):
+    """The top of the KL axis shared by coverage panels: 5 % above the largest KL traced."""
+    kls = [e["kl_paper"] for r in records for e in r["trace"] if e["kl_paper"] is not None]
+    return max(kls) * 1.05 if kls and max(kls) > 0 else 1.0
 
 
 def write_coverage(records, out_dir, per_row=4):
     """coverage.png: one panel per run (modes and paper-KL against iteration)."""
-    panels = [draw_coverage_panel(r) for r in records if r["trace"]]
+    kl_top = coverage_kl_top(records)  # one scale, so the panels compare by eye
+    panels = [draw_coverage_panel(r, kl_top=kl_top) for r in records if r["trace"]]
     if not panels:
         return
     rows = [panels[i : i + per_row] for i in range(0, len(panels), per_row)]
     rows[-1] += [None] * (per_row - len(rows[-1]))
     header = (
-        "coverage: modes (blue, left) and paper-KL (red, right); grey warm-up, yellow AS active"
+        f"coverage: modes (blue, left axis) and KL in the paper's convention (red, right axis, 0 to "
+        f"{kl_top:.0f} in every panel) against iteration; grey: warm-up, yellow: AS active"
     )
     draw_overview(rows, header).save(os.path.join(out_dir, "coverage.png"))
 
@@ -1366,16 +1397,19 @@ def format_table(records):
         return "NaN" if value is None else format(value, fmt)
 
     lines = [
-        f"{'dataset':<12} {'method':<11} {'combo':<5} {'seed':>4} {'KL(paper)':>9} "
-        f"{'JSD(paper)':>10} {'KL':>7} {'JSD':>6} {'gnELBO':>9} {'modes':>5} {'hq':>5} "
-        f"{'seconds':>8}"
+        "KL ours / JSD ours: in the paper's convention (its Table 1's scale); textbook: the true "
+        "divergences; gnELBO in units of 1e-7",
+        f"{'dataset':<12} {'method':<11} {'combo':<5} {'seed':>4} {'KL ours':>9} "
+        f"{'JSD ours':>10} {'KL textbook':>11} {'JSD textbook':>12} {'gnELBO':>7} {'modes':>5} "
+        f"{'hq':>5} {'seconds':>8}"
     ]
     for r in records:
         modes = "-" if r.get("modes") is None else f"{r['modes']}/{r['n_modes']}"
         lines.append(
             f"{r['dataset']:<12} {METHOD_NAMES[r['method']]:<11} {r['combo']:<5} {r['seed']:>4} "
-            f"{num(r['kl_paper'], '9.2f')} {num(r['jsd_paper'], '10.2f')} {num(r['kl'], '7.3f')} "
-            f"{num(r['jsd'], '6.3f')} {num(r['gnelbo'], '9.2e')} {modes:>5} "
+            f"{num(r['kl_paper'], '9.2f')} {num(r['jsd_paper'], '10.2f')} "
+            f"{num(r['kl'], '11.3f')} {num(r['jsd'], '12.3f')} "
+            f"{num(None if r['gnelbo'] is None else 1e7 * r['gnelbo'], '7.3f')} {modes:>5} "
             f"{num(r['hq_fraction'], '5.2f')} {r['seconds']:>8.1f}"
         )
     return "\n".join(lines)
@@ -1394,17 +1428,17 @@ def format_trace(groups):
 def format_seed_table(records):
     """Markdown: per (dataset, combo, method, setting) mean +- std over seeds of paper-KL,
     paper-JSD, gnELBO (1e-7 units) and modes, each beside the published value of that cell ('-'
-    where none; the paper ran the protocol setting only)."""
+    where none; the paper ran the protocol setting only, which a shorter run's cells say)."""
 
-    def published(key, dataset, combo, method):
+    def published(key, dataset, combo, method, iters):
         value = PAPER.get((dataset, combo), {}).get(key, (None,) * 4)[METHODS.index(method)]
         if value is None:
             return "NaN" if key == "kl" and dataset == "checkerboard" and combo != "tuned" else "-"
-        return f"{value:g}"
+        return f"{value:g}" + (" (at 30000 it)" if iters != 30000 else "")
 
     lines = [
-        "| dataset | combo | method | setting | seeds | KL ours | KL paper | JSD ours | JSD paper "
-        "| gnELBO ours | gnELBO paper | modes |",
+        "| dataset | combo | method | setting | seeds | KL ours | KL published | JSD ours "
+        "| JSD published | gnELBO ours (1e-7) | gnELBO published (1e-7) | modes |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = dict.fromkeys((r["dataset"], r["combo"], r["method"], setting(r)) for r in records)
@@ -1419,6 +1453,7 @@ def format_seed_table(records):
         modes = [r["modes"] for r in mine if r["modes"] is not None]
         n_modes = next((r["n_modes"] for r in mine if r.get("n_modes")), None)
         mode_text = "-" if not modes else f"{', '.join(map(str, modes))} of {n_modes}"
+        cell = (*cell, mine[0]["iters"])
         lines.append(
             f"| {dataset} | {combo} | {METHOD_NAMES[method]} | {label} | {len(mine)} "
             f"| {spread([r['kl_paper'] for r in mine])} | {published('kl', *cell)} "

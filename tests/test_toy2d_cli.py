@@ -142,11 +142,11 @@ def test_trace_table_and_coverage(smoke):
         assert r["trace"][-1]["kl_paper"] == pytest.approx(round(r["kl_paper"], 3), abs=1e-12)
     table = (out / "table.md").read_text().splitlines()
     assert table[0].startswith(
-        "| dataset | combo | method | setting | seeds | KL ours | KL paper |"
+        "| dataset | combo | method | setting | seeds | KL ours | KL published | JSD ours |"
     )
     as_row = next(line for line in table if "| AS-IntroVAE |" in line)
     assert "| 12 it | 1 |" in as_row  # one seed, 12 iterations instead of the protocol's 30000
-    assert "| 1.3 |" in as_row and "| 4.4 |" in as_row  # the paper's Table 1, column C2
+    assert "| 1.3 (at 30000 it) |" in as_row and "| 4.4 (at 30000 it) |" in as_row  # Table 1, C2
     with Image.open(out / "coverage.png") as image:
         assert image.width > 300 and image.height > 150
 
@@ -274,7 +274,7 @@ def test_table_combines_finished_runs_with_the_seed_spread(smoke, tmp_path, caps
     row = next(line for line in capsys.readouterr().out.splitlines() if "| VAE |" in line)
     kl = records[0]["kl_paper"]
     # two seeds, kl and kl + 2: mean kl + 1, sample std sqrt(2)
-    assert f"| 2 | {kl + 1:.2f} ± {2**0.5:.2f} | 220.3 |" in row
+    assert f"| 2 | {kl + 1:.2f} ± {2**0.5:.2f} | 220.3 (at 30000 it) |" in row
     assert (tmp_path / "all" / "table.md").exists() and (tmp_path / "all" / "coverage.png").exists()
     assert (tmp_path / "all" / "overview_8gaussians_93.png").exists()
     assert toy2d_module.main(["--table", str(tmp_path / "missing")]) == 2
