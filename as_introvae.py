@@ -38,6 +38,8 @@ Glossary: paper symbol, Config field (flag), default (a dataset's preset row may
     c         Eq. 9's annealing coefficient            derived: min(5 t / T, 1)        0 at t = 0
     T         iterations of the whole run              derived: iterations per epoch x epochs
 """
+
+
 import argparse
 import contextlib
 import copy
@@ -56,8 +58,7 @@ import struct
 import sys
 import textwrap
 import time
-from dataclasses import dataclass, field
-
+from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -65,9 +66,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw, ImageFont
-
-from eval_metrics import (MetricInputError, Progress, frechet_distance, list_images, load_inception,
-                          mse, parse_bool, psnr, sharpness, ssim, ssim_torch, stats_from_batches,
+from eval_metrics import (MetricInputError, OneLineParser, Progress, atomic_write, format_seconds,
+                          frechet_distance, list_images, load_inception, mse, option, parse_bool,
+                          psnr, sharpness, ssim, ssim_torch, stats_from_batches,
                           stats_from_generator)
 
 
@@ -88,12 +89,8 @@ class TrainingDiverged(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------
-# config
+# config: one dataclass, the dataset presets (the released run script's settings), checks
 # --------------------------------------------------------------------------------------------------
-def option(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class Config:
     dataset: str = option(
@@ -262,6 +259,7 @@ CHOICES = {
     "bf16": ("auto", "true", "false", "both"),
 }
 
+
 # The released AS-IntroVAE run script's settings, one row per dataset; a flag overrides a value.
 PRESETS = {
     "mnist": dict(image_size=28, channels=(64, 128), z_dim=32, batch_size=128, epochs=100,
@@ -275,100 +273,54 @@ PRESETS = {
                       batch_size=32, epochs=150, beta_kl=0.5, beta_rec=1.0, beta_neg=1024.0,
                       margin=120.0, hflip=True),
 }
+
+
 PRESETS["fmnist"] = PRESETS["mnist"]
+
+
 PRESETS["svhn"] = PRESETS["cifar10"]
+
+
 PRESETS["oxford"] = {**PRESETS["celeba128"], "z_dim": 128, "beta_kl": 1.0}
+
+
 # AVAE-S Sec. III: 96 x 96 CelebA, AVAE-S Table I's network, latent 32, 100 epochs of pre-training;
 # batch size and augmentation are not given (none here). channels are for --arch resnet (one stage
 # per halving of 96).
 PRESETS["celeba96"] = {**PRESETS["celeba128"], "image_size": 96,
                        "channels": (64, 128, 256, 512, 512), "z_dim": 32, "beta_kl": 1.0,
                        "hflip": False, "arch": "avae", "pretrain_epochs": 100}
+
+
 # AVAE-S Eq. 5's reconstruction loss and AVAE-S Eq. 10's total correlation:
 SHARP_MODELS = ("vae-s", "avae-s")
+
+
 # pre-training, then AVAE-S Algorithm 1's adversarial fine-tuning:
 ADVERSARIAL_MODELS = ("avae", "avae-s")
+
+
 TABLE_I_WIDTHS = (24, 48, 96, 192)  # AVAE-S Table I's conv widths; each halves the image side
+
+
 SIZE_PRESET = {28: "mnist", 32: "cifar10", 128: "celeba128", 256: "celeba256"}  # folder, npz
+
+
 # IntroVAE's weights as the AS-IntroVAE paper ran it:
 MODEL_PRESETS = {"introvae": dict(beta_rec=0.05, beta_kl=1.0, beta_neg=0.5)}
+
+
 TORCHVISION_SETS = ("mnist", "fmnist", "cifar10", "svhn")
+
+
 IMAGE_CHANNELS = {"mnist": 1, "fmnist": 1}  # everything else is RGB (npz: from the array)
+
+
 # Flags that steer a run or its evaluation, not what is trained: they may change on resume, --eval.
 RUN_FLAGS = {"data_root", "test_root", "out", "max_iters", "log_every", "img_every", "ckpt_every",
              "recon_every", "recon_images",
              "num_workers", "device", "bf16", "compile", "eval", "eval_images", "fid_samples",
              "fid_weights", "bn_mode", "bench"}
-
-
-def parse_channels(text):
-    try:
-        channels = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 64,128,256, got {text!r}"
-        )
-    if not channels or min(channels) < 1:
-        raise argparse.ArgumentTypeError(f"channels must be positive, got {text!r}")
-    return channels
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConfigError(f"{message} (see --help)")
-
-
-def shown(value):
-    """A flag value as it is typed: 64,128,256; true / false; none for an empty text."""
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    if isinstance(value, bool):
-        return str(value).lower()
-    return "none" if value == "" else str(value)
-
-
-PRESET_FIELDS = {name for row in PRESETS.values() for name in row}
-PRESET_COLUMNS = ("image_size", "channels", "z_dim", "batch_size", "epochs", "beta_kl", "beta_rec",
-                  "beta_neg", "margin", "hflip")
-
-
-def presets_text():
-    """--help's epilog: each dataset's preset row, and the model preset of introvae."""
-    header = ("dataset", "size", "channels", "z", "batch", "epochs", "beta_kl", "beta_rec",
-              "beta_neg", "margin", "hflip")
-    rows = [header] + [(name, *(shown(row.get(key, getattr(Config, key)))
-                                for key in PRESET_COLUMNS))
-                       for name, row in PRESETS.items()]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    table = "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-                      for row in rows)
-    introvae = ", ".join(f"{key} {value}" for key, value in MODEL_PRESETS["introvae"].items())
-    return (f"dataset presets (a flag given overrides its value; folder and npz take the row of\n"
-            f"their image size, 28, 32, 128 or 256 px):\n{table}\n--model introvae also sets "
-            f"{introvae}.\nA run prints its effective config when it starts.")
-
-
-def build_parser():
-    """One --flag per Config field; only the flags actually given end up in the namespace."""
-    summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph
-    parser = OneLineParser(description=summary, argument_default=argparse.SUPPRESS,
-                           allow_abbrev=False, epilog=presets_text(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    parse = {int: int, float: float, str: str, bool: parse_bool, tuple: parse_channels}
-    metavars = {bool: "true|false", tuple: "C1,C2,..."}
-    for f in dataclasses.fields(Config):
-        default = shown(f.default)
-        if f.name in PRESET_FIELDS:
-            default = f"from the dataset preset (see below); without one {default}"
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=parse[f.type],
-            choices=CHOICES.get(f.name),
-            metavar=metavars.get(f.type),
-            help=f"{f.metadata['help']} (default: {default})",
-        )
-    return parser
 
 
 def default_channels(image_size):
@@ -583,7 +535,11 @@ def npz_images(path):
 
 # torchvision's folder and image files of the two IDX datasets (each file may also be .gz)
 IDX_FOLDERS = {"mnist": "MNIST", "fmnist": "FashionMNIST"}
+
+
 IDX_FILES = {True: "train-images-idx3-ubyte", False: "t10k-images-idx3-ubyte"}
+
+
 IDX_LABEL_FILES = ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -724,8 +680,16 @@ def to_float(images, device):
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
+def flip_at_random(x, enabled):
+    """Mirror each image left-right with probability 1/2 (draws from the training RNG)."""
+    if not enabled:
+        return x
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
 # --------------------------------------------------------------------------------------------------
-# model: Soft-IntroVAE's "standard" ResNet VAE, which the released AS-IntroVAE code uses
+# networks: Soft-IntroVAE's "standard" ResNet VAE, which the released AS-IntroVAE code uses
 # --------------------------------------------------------------------------------------------------
 class ResBlock(nn.Module):
     """conv3x3-BN-LeakyReLU(0.2)-conv3x3-BN, plus the skip (1x1 conv when the channels change),
@@ -803,128 +767,6 @@ class Decoder(nn.Module):
         return self.conv(self.fc(z).view(z.shape[0], -1, self.side, self.side)).float()
 
 
-class Discriminator(nn.Module):
-    """Dis(x) of AVAE-S Eq. 11 for --arch resnet: the encoder, but "it uses max pooling for
-    down-sampling" (AVAE-S Sec. III). Our encoder down-samples with AvgPool2d, not strided convs,
-    so MaxPool2d takes its place; the head is one logit (the sigmoid lives in the losses).
-    (B, C, H, W) -> logits (B,) in float32."""
-
-    def __init__(self, image_channels, channels, image_size):
-        super().__init__()
-        self.conv = encoder_convs(image_channels, channels, nn.MaxPool2d)
-        side = image_size // 2 ** len(channels)
-        self.fc = nn.Linear(channels[-1] * side * side, 1)
-
-    def forward(self, x):
-        return self.fc(self.conv(x).flatten(1)).float().view(-1)
-
-
-# AVAE-S Table I (--arch avae), verbatim (encoder | decoder):
-#   24 conv. 3x3, stride 1, bnorm, ReLU   | 48 fully-connected, bnorm, tanh
-#   24 conv. 4x4, stride 2, bnorm, ReLU   | 6x6x192 fully-connected, bnorm, tanh
-#   48 conv. 3x3, stride 1, bnorm, ReLU   | 192 conv. 3x3, bnorm, ReLU, NN_upsample
-#   48 conv. 4x4, stride 2, bnorm, ReLU   | 192 conv. 3x3, bnorm, ReLU
-#   96 conv. 3x3, stride 1, bnorm, ReLU   | 96 conv. 3x3, bnorm, ReLU, NN_upsample
-#   96 conv. 4x4, stride 2, bnorm, ReLU   | 96 conv. 3x3, bnorm, ReLU
-#   192 conv. 3x3, stride 1, bnorm, ReLU  | 48 conv. 3x3, bnorm, ReLU, NN_upsample
-#   192 conv. 4x4, stride 2, bnorm, ReLU  | 48 conv. 3x3, bnorm, ReLU
-#   48 fully-connected, bnorm, tanh       | 24 conv. 3x3, bnorm, ReLU, NN_upsample
-#   32 latent dim, z_mean, z_sigma        | 24 conv. 3x3, bnorm, ReLU
-#   32 sampling layer, z_sample           | 3 conv_transpose 1x1, sigmoid
-# Padding "same" (3x3: pad 1; 4x4 stride 2: pad 1, which halves the side), so 96 px -> 6 x 6.
-# Convs before a BatchNorm have no bias (the BatchNorm shift replaces it). The sampling layer is
-# reparameterize().
-class AVAEEncoder(nn.Module):
-    """AVAE-S Table I encoder: x (B, C, S, S) -> mu, logvar, each (B, z_dim) in float32; S
-    divisible by 16 (96 in the paper)."""
-
-    def __init__(self, image_channels, image_size, z_dim, widths=TABLE_I_WIDTHS):
-        super().__init__()
-        side = image_size // 2 ** len(widths)
-        layers, c_in = [], image_channels
-        for width in widths:
-            layers += [
-                nn.Conv2d(c_in, width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(),
-                nn.Conv2d(width, width, 4, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(),
-            ]
-            c_in = width
-        self.conv = nn.Sequential(*layers)
-        self.fc = nn.Sequential(
-            nn.Linear(widths[-1] * side * side, 48, bias=False), nn.BatchNorm1d(48), nn.Tanh()
-        )
-        self.fc_mu = nn.Linear(48, z_dim)
-        # DEVIATION: AVAE-S Table I names the second head z_sigma; it outputs log-variance here,
-        # like every encoder in this file, so the shared KL and reparameterisation apply unchanged.
-        self.fc_logvar = nn.Linear(48, z_dim)
-
-    def forward(self, x):
-        h = self.fc(self.conv(x).flatten(1))  # (B, 48)
-        return self.fc_mu(h).float(), self.fc_logvar(h).float()
-
-
-class AVAEDecoder(nn.Module):
-    """AVAE-S Table I decoder: z (B, z_dim) -> image (B, C, S, S) in (0, 1) (sigmoid output),
-    float32. Nearest-neighbour upsampling after the first conv of each width (AVAE-S Sec. III: no
-    checkerboard artifacts)."""
-
-    def __init__(self, image_channels, image_size, z_dim, widths=TABLE_I_WIDTHS):
-        super().__init__()
-        self.side, self.top = image_size // 2 ** len(widths), widths[-1]
-        flat = self.top * self.side * self.side
-        self.fc = nn.Sequential(nn.Linear(z_dim, 48, bias=False), nn.BatchNorm1d(48), nn.Tanh(),
-                                nn.Linear(48, flat, bias=False), nn.BatchNorm1d(flat), nn.Tanh())
-        layers, c_in = [], self.top
-        for width in reversed(widths):  # 192, 96, 48, 24
-            layers += [
-                nn.Conv2d(c_in, width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(),
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(width, width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(),
-            ]
-            c_in = width
-        layers += [nn.ConvTranspose2d(c_in, image_channels, 1), nn.Sigmoid()]
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, z):
-        return self.conv(self.fc(z).view(z.shape[0], self.top, self.side, self.side)).float()
-
-
-class AVAEDiscriminator(nn.Module):
-    """Dis(x) for --arch avae: AVAE-S Table I's encoder with each 4x4 stride-2 conv replaced by
-    MaxPool2d(2) (AVAE-S Sec. III), its 48-unit fully-connected layer (bnorm, tanh), then one
-    logit. (B, C, S, S) -> logits (B,)."""
-
-    def __init__(self, image_channels, image_size, widths=TABLE_I_WIDTHS):
-        super().__init__()
-        side = image_size // 2 ** len(widths)
-        layers, c_in = [], image_channels
-        for width in widths:
-            layers += [
-                nn.Conv2d(c_in, width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-            ]
-            c_in = width
-        self.conv = nn.Sequential(*layers)
-        self.fc = nn.Sequential(
-            nn.Linear(widths[-1] * side * side, 48, bias=False),
-            nn.BatchNorm1d(48),
-            nn.Tanh(),
-            nn.Linear(48, 1),
-        )
-
-    def forward(self, x):
-        return self.fc(self.conv(x).flatten(1)).float().view(-1)
-
-
 def build_networks(image_channels, channels, image_size, z_dim, arch="resnet"):
     """The encoder and decoder every method here shares: the ResNet VAE, or AVAE-S Table I's
     (arch "avae")."""
@@ -936,21 +778,15 @@ def build_networks(image_channels, channels, image_size, z_dim, arch="resnet"):
             Decoder(image_channels, channels, image_size, z_dim))
 
 
-def build_discriminator(image_channels, channels, image_size, arch="resnet"):
-    """Dis of AVAE-S Eq. 11 for the chosen architecture."""
-    if arch == "avae":
-        return AVAEDiscriminator(image_channels, image_size)
-    return Discriminator(image_channels, channels, image_size)
-
-
 def reparameterize(mu, logvar):
     """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I); (B, z) -> (B, z)."""
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
 
 # --------------------------------------------------------------------------------------------------
-# losses: pure functions of tensors. Per-sample values are (B,); "mean" is over the batch.
-# The functions from kl_divergence to as_intro_decoder_loss are word for word those of toy2d.py.
+# losses (Eq. 1-9): pure functions of tensors. Per-sample values are (B,); "mean" is over the
+# batch. The functions from kl_divergence to as_intro_decoder_loss are word for word those of
+# toy2d.py.
 # --------------------------------------------------------------------------------------------------
 def sse(x, y):
     """Per-sample sum of squared errors over all pixels: SSE_i = sum_p (x_ip - y_ip)^2, the
@@ -1107,12 +943,14 @@ def as_intro_decoder_loss(
 # no-op), and returns a dict of detached 0-d tensors (no host sync). train_step picks one per phase.
 # --------------------------------------------------------------------------------------------------
 def optimizer_step(loss, *optimizers):
-    """Gradients of loss for every parameter that requires them, then one step of each optimiser."""
+    """Gradients of loss for every parameter that requires them, then one step of each optimiser.
+    Under torchrun each optimiser first averages the gradients over the ranks (a pre-step hook
+    that make_state registers: average_gradients_before_step)."""
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     loss.backward()
     for optimizer in optimizers:
-        optimizer.step()
+        optimizer.step()  # torchrun: all_reduce of the gradients, then the Adam step
 
 
 def set_requires_grad(module, flag):
@@ -1199,13 +1037,13 @@ def as_batch(mu_r, logvar_r, mu_f, logvar_f, gather):
     return [gather_over_ranks(v) for v in posteriors] if gather else list(posteriors)
 
 
-def soft_intro_encoder_step(encoder, decoder, opt_encoder, x, eps, *, c, s, beta_rec, beta_kl,
-                            beta_neg, variant, amp, as_gather=False):
-    """The encoder update of AS-IntroVAE (variant "paper" | "official") or, variant None, of
-    Soft-IntroVAE (Eq. 9 at c = 1, no AS-Distance); the decoder is frozen.
+def as_intro_encoder_step(encoder, decoder, opt_encoder, x, eps, *, c, s, beta_rec, beta_kl,
+                          beta_neg, as_variant, amp, as_gather=False):
+    """The encoder update of AS-IntroVAE (as_variant "paper" | "official") or of Soft-IntroVAE
+    (as_variant "none": Eq. 9 at c = 1, no AS-Distance); the decoder is frozen.
     eps (B, z): the prior draw shared with the decoder step. as_gather: the AS-Distance over the
     batch of all torchrun ranks. -> (z (B, z), logged values)."""
-    if variant is None and c != 1.0:
+    if as_variant == "none" and c != 1.0:
         raise ValueError(f"Soft-IntroVAE is Eq. 9 at c = 1, got c = {c}")
     set_requires_grad(encoder, True)
     set_requires_grad(decoder, False)
@@ -1225,12 +1063,12 @@ def soft_intro_encoder_step(encoder, decoder, opt_encoder, x, eps, *, c, s, beta
     rec_err_f, kl_f = sse(fake, rec_fake), kl_divergence(mu_f, logvar_f)
     stats = {}
     as_dist = 0.0
-    if variant == "paper":
+    if as_variant == "paper":
         # Between the posteriors of the reconstructions and of the generated samples (Fig. 2);
         # the real data's posteriors never enter it.
         as_dist = stats["as_dist"] = as_distance(*as_batch(mu_r, logvar_r, mu_f, logvar_f,
                                                            as_gather))
-    elif variant == "official":
+    elif as_variant == "official":
         # OFFICIAL: tanh on mu and logvar before the AS-Distance, whose terms are summed.
         squashed = (v.tanh() for v in (mu_r, logvar_r, mu_f, logvar_f))
         as_dist = stats["as_dist"] = as_distance(*as_batch(*squashed, as_gather),
@@ -1245,11 +1083,13 @@ def soft_intro_encoder_step(encoder, decoder, opt_encoder, x, eps, *, c, s, beta
     return z, detached(stats)
 
 
-def soft_intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps, *, c, s, beta_rec, beta_kl,
-                            gamma_r, variant, amp, as_gather=False):
-    """The decoder update of AS-IntroVAE (variant "paper" | "official") or Soft-IntroVAE (variant
-    None, c = 1), the encoder frozen as just updated, on the encoder step's z and eps."""
-    if variant is None and c != 1.0:
+def as_intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps, *, c, s, beta_rec, beta_kl,
+                          gamma_r, as_variant, amp, as_gather=False):
+    """The decoder update of AS-IntroVAE (as_variant "paper" | "official") or Soft-IntroVAE
+    (as_variant "none", c = 1), the encoder frozen as just updated, on the encoder step's z and
+    eps. The decoder's forwards run again here: keeping the encoder step's graph for them
+    (toy2d.py does, retain_graph) would hold every image activation through both steps."""
+    if as_variant == "none" and c != 1.0:
         raise ValueError(f"Soft-IntroVAE is Eq. 9 at c = 1, got c = {c}")
     set_requires_grad(encoder, False)
     set_requires_grad(decoder, True)
@@ -1263,42 +1103,326 @@ def soft_intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps, *, c, s, b
         rec_rec, rec_fake = decoder(z_r.detach()), decoder(z_f.detach())
     rec_err = sse(x, rec)
     rec_err_rr, rec_err_rf = sse(rec.detach(), rec_rec), sse(fake.detach(), rec_fake)
-    if variant == "official":
+    if as_variant == "official":
         # OFFICIAL: tanh on mu and logvar before the decoder's KLs and the AS-Distance.
         mu_r, logvar_r, mu_f, logvar_f = (v.tanh() for v in (mu_r, logvar_r, mu_f, logvar_f))
     kl_r, kl_f = kl_divergence(mu_r, logvar_r), kl_divergence(mu_f, logvar_f)  # (B,)
     as_dist = 0.0
-    if variant == "paper":
+    if as_variant == "paper":
         as_dist = as_distance(*as_batch(mu_r, logvar_r, mu_f, logvar_f, as_gather))
-    elif variant == "official":
+    elif as_variant == "official":
         # OFFICIAL: the decoder step averages the AS-Distance's terms.
         as_dist = as_distance(*as_batch(mu_r, logvar_r, mu_f, logvar_f, as_gather),
                               reduction="official_mean")
     loss = as_intro_decoder_loss(rec_err, kl_r, kl_f, rec_err_rr, rec_err_rf, as_dist, c=c, s=s,
                                  beta_rec=beta_rec, beta_kl=beta_kl, gamma_r=gamma_r,
-                                 variant=variant or "paper")
+                                 variant="official" if as_variant == "official" else "paper")
     optimizer_step(loss, opt_decoder)
     return {"loss_d": loss.detach()}
 
 
-def soft_intro_step(encoder, decoder, opt_encoder, opt_decoder, x, eps, *, c, s, beta_rec, beta_kl,
-                    beta_neg, gamma_r, variant, amp, as_gather=False):
-    """One AS-IntroVAE (variant "paper" | "official") or Soft-IntroVAE (variant None, c = 1)
-    iteration: the encoder step, then the decoder step on the same z and eps."""
-    z, stats = soft_intro_encoder_step(encoder, decoder, opt_encoder, x, eps, c=c, s=s,
-                                       beta_rec=beta_rec, beta_kl=beta_kl, beta_neg=beta_neg,
-                                       variant=variant, amp=amp, as_gather=as_gather)
-    return {**stats, **soft_intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps, c=c, s=s,
-                                               beta_rec=beta_rec, beta_kl=beta_kl, gamma_r=gamma_r,
-                                               variant=variant, amp=amp, as_gather=as_gather)}
+def as_intro_step(encoder, decoder, opt_encoder, opt_decoder, x, eps, *, c, s, beta_rec, beta_kl,
+                  beta_neg, gamma_r, as_variant, amp, as_gather=False):
+    """One AS-IntroVAE (as_variant "paper" | "official") or Soft-IntroVAE (as_variant "none",
+    c = 1) iteration: the encoder step, then the decoder step on the same z and eps."""
+    z, stats = as_intro_encoder_step(encoder, decoder, opt_encoder, x, eps, c=c, s=s,
+                                     beta_rec=beta_rec, beta_kl=beta_kl, beta_neg=beta_neg,
+                                     as_variant=as_variant, amp=amp, as_gather=as_gather)
+    return {**stats, **as_intro_decoder_step(encoder, decoder, opt_decoder, x, z, eps, c=c, s=s,
+                                             beta_rec=beta_rec, beta_kl=beta_kl, gamma_r=gamma_r,
+                                             as_variant=as_variant, amp=amp, as_gather=as_gather)}
 
 
 # --------------------------------------------------------------------------------------------------
-# AVAE-S (Naderi, Haji Soleimani, Matwin, "Generating High-Fidelity Images with Disentangled
-# Adversarial VAEs and Structure-Aware Loss"): VAE-S, AVAE, AVAE-S.
-# Reconstruction terms are PER SAMPLE (B,), summed over pixels / maps like sse(); the total
-# correlation is a property of the batch (a scalar).
+# one training iteration, and the loop: Eq. 9's s, T and c, then Algorithm 1 with the EMA decoder.
+# The paper's algorithm ends here; below are appendices, each under its own banner.
 # --------------------------------------------------------------------------------------------------
+def step_method(cfg, epoch):
+    """The method whose step trains this epoch: the plain VAE during the introspective warm-up
+    (num_vae epochs) and avae's pre-training, VAE-S during avae-s's, else cfg.model."""
+    if epoch < cfg.num_vae or (cfg.model == "avae" and epoch < cfg.pretrain_epochs):
+        return "vae"
+    if cfg.model == "avae-s" and epoch < cfg.pretrain_epochs:
+        return "vae-s"
+    return cfg.model
+
+
+def train_step(method, nets, opts, x, cfg, c, s, amp, vae_s_state=None):
+    """One iteration of `method` (step_method's name) on the batch x: the one place that turns the
+    config into the steps' arguments. c: Eq. 9's annealing coefficient of this iteration (used by
+    asintrovae only); s = 1 / (C H W). -> dict of detached 0-d tensors."""
+    encoder, decoder = nets["encoder"], nets["decoder"]
+    pair = (encoder, decoder, opts["encoder"], opts["decoder"])
+    betas = {"beta_rec": cfg.beta_rec, "beta_kl": cfg.beta_kl, "amp": amp}
+    sharp = {"beta_tc": cfg.beta_tc, "tc_estimator": cfg.tc_estimator}
+    if method == "vae":
+        return vae_step(*pair, x, **betas)
+    if method == "vae-s":
+        return vae_s_step(*pair, x, vae_s_state, **betas, **sharp)
+    if method in ("avae", "avae-s"):
+        if method == "avae":
+            objective = functools.partial(vae_objective, **betas)
+        else:
+            objective = functools.partial(
+                vae_s_objective, vae_s_state=vae_s_state, **betas, **sharp
+            )
+        return adversarial_step(encoder, decoder, nets["disc"], opts["encoder"], opts["decoder"],
+                                opts["disc"], x, objective, beta_adv=cfg.beta_adv,
+                                adv_loss=cfg.adv_loss, disc_train_below=cfg.disc_train_below,
+                                adv_use_above=cfg.adv_use_above, amp=amp)
+    eps = torch.randn(x.shape[0], cfg.z_dim, device=x.device)  # (B, z), shared by both halves
+    if method == "introvae":
+        return introvae_step(*pair, x, eps, margin=cfg.margin, beta_neg=cfg.beta_neg, **betas)
+    # Soft-IntroVAE is AS-IntroVAE without the AS-Distance, at c = 1 (Eq. 4 = Eq. 9 at c = 1)
+    as_intro = method == "asintrovae"
+    return as_intro_step(*pair, x, eps, c=c if as_intro else 1.0, s=s, beta_neg=cfg.beta_neg,
+                         gamma_r=cfg.gamma_r, as_variant=cfg.variant if as_intro else "none",
+                         as_gather=cfg.as_gather and world_size() > 1, **betas)
+
+
+@torch.no_grad()
+def update_ema(ema, decoder, decay):
+    """shadow <- decay * shadow + (1 - decay) * weight after each decoder step; BatchNorm buffers
+    are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(decoder.parameters()), 1.0 - decay)
+    for shadow, buffer in zip(ema.buffers(), decoder.buffers()):
+        shadow.copy_(buffer)
+
+
+def elbo_scale(image_shape):
+    """Eq. 9's s = 1 / (C H W), image_shape (C, H, W): every ELBO per pixel, which keeps the
+    exp-terms from vanishing on large images."""
+    return 1.0 / math.prod(image_shape)
+
+
+def annealing_length(train_images, cfg):
+    """-> (iterations per epoch, Eq. 9's T): T counts every iteration of the run, the last partial
+    batch of each epoch included, so c = min(5 t / T, 1) reaches 1 at a fifth of the run."""
+    iters_per_epoch = math.ceil(train_images / cfg.batch_size)
+    return iters_per_epoch, iters_per_epoch * cfg.epochs
+
+
+def annealing_schedule(cfg):
+    """annealing_coefficient's schedule: linear, as Eq. 9 writes it."""
+    if cfg.model == "asintrovae" and cfg.variant == "official":
+        return "tanh"  # OFFICIAL: the released code anneals with c = tanh(5 t / T)
+    return "linear"
+
+
+def train(cfg):
+    """Soft-IntroVAE's Algorithm 1 with Eq. 9's c: per iteration c, the encoder step then the
+    decoder step (train_step), the decoder's EMA; around it the log, image grids, checkpoints.
+    Under torchrun every rank runs this loop on its share of each global batch; the optimisers
+    average the gradients over the ranks (make_state), so the weights stay the same everywhere."""
+    run = open_run(cfg)  # a new run, or the folder's run resumed from its checkpoint
+    nets, opts, step, ranks = run.nets, run.opts, run.step, run.ranks
+    s = elbo_scale(run.train_set.shape)  # Eq. 9's s
+    iters_per_epoch, T = annealing_length(len(run.train_set), cfg)  # Eq. 9's T
+    schedule = annealing_schedule(cfg)
+    log = TrainingLog(cfg, run.out_dir, step, run.stop, writer=ranks.is_writer)
+    watch = FiniteWatch(run.device)
+    # the grids' fixed inputs; their noise has its own generator: grids never move the training RNG
+    grid_batch = batchnorm_batch(cfg, ranks, nets["decoder"])  # what one BatchNorm sees
+    grid_real = to_float(next(ordered_batches(run.train_set, grid_batch, grid_batch, 0)),
+                         run.device)
+    grid_noise = torch.randn(grid_real.shape[0], cfg.z_dim,
+                             generator=torch.Generator().manual_seed(cfg.seed)).to(run.device)
+    epoch = step // iters_per_epoch
+    while step < run.stop:
+        skip = step - epoch * iters_per_epoch
+        for batch in epoch_batches(run.train_set, cfg.batch_size, cfg.seed, epoch, skip,
+                                   cfg.num_workers, ranks):  # this rank's share
+            x = flip_at_random(to_float(batch, run.device), cfg.hflip)  # (B, C, H, W) in [0, 1]
+            c = annealing_coefficient(step, T, schedule)  # Eq. 9, t = step
+            stats = train_step(step_method(cfg, epoch), nets, opts, x, cfg, c, s, run.amp,
+                               run.vae_s_state)
+            average_buffers_over_ranks([nets[name] for name in opts])  # no-op in a plain run
+            update_ema(nets["ema"], unwrap(nets["decoder"]), cfg.ema_decay)
+            step += 1
+            watch.add(stats, step)
+            if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == run.stop:
+                watch.raise_if_diverged(run.ckpt_path)  # the one host sync of the interval
+            log.add(step, epoch, stats, c, x.shape[0] * ranks.world, run.vae_s_state)
+            # at T too, not at --max-iters: a stopped and resumed run logs what an unbroken one does
+            if cfg.recon_every and (step % cfg.recon_every == 0 or step == T):
+                # every rank runs the same forwards (SyncBatchNorm's collectives), rank 0 writes
+                log.add_record(step, reconstruction_record(
+                    unwrap(nets["encoder"]), unwrap(nets["decoder"]), run.test_set, cfg,
+                    run.device, run.amp, grid_batch))
+            if step % cfg.img_every == 0 or step == run.stop:
+                path = os.path.join(run.out_dir, f"grid_{step:07d}.png")
+                # every rank runs the forwards (SyncBatchNorm's collectives), rank 0 saves
+                training_grid(nets, grid_real, grid_noise, cfg.bn_mode, run.amp,
+                              path if ranks.is_writer else None)
+            if step % cfg.ckpt_every == 0 or step == run.stop:
+                epochs_done = step // iters_per_epoch
+                rng_by_rank = rng_states_of_all_ranks(ranks)
+                if ranks.is_writer:
+                    save_checkpoint(run.ckpt_path, nets, opts, step, epochs_done, T, cfg,
+                                    avae_s_record(cfg, epochs_done, run.vae_s_state), rng_by_rank)
+            if step >= run.stop:
+                break
+        epoch += 1
+    log.close()
+    results_path = os.path.join(run.out_dir, "results.json")
+    if run.resumed and run.step >= run.stop and os.path.exists(results_path):
+        if ranks.is_writer:
+            print(f"already done: {run.out_dir} holds the run trained to step {run.step} and its "
+                  f"results.json (--eval {run.ckpt_path} evaluates it again)", flush=True)
+        if ranks.world > 1:
+            dist.destroy_process_group()
+        return
+    if run.resumed and run.step >= run.stop and ranks.is_writer:
+        print(f"training done at step {run.step} (stop at {run.stop}); evaluating", flush=True)
+    if ranks.world > 1:
+        # the evaluation's forwards are each rank's own: plain BatchNorm copies of the networks
+        nets = plain_copies(nets, cfg, run.train_set.shape[0], run.device)
+    results = evaluate(nets, cfg, run.train_set, run.test_set, run.split, run.device, run.amp,
+                       run.out_dir, ranks)
+    if ranks.is_writer:
+        results.update(checkpoint=run.ckpt_path, step=step,
+                       **avae_s_results(cfg, step, iters_per_epoch, run.vae_s_state))
+        write_results(results, run.out_dir)
+    if ranks.world > 1:
+        dist.barrier()  # no rank leaves while rank 0 still writes
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# APPENDIX: the AVAE-S paper's models (Naderi, Haji Soleimani, Matwin, "Generating High-Fidelity
+# Images with Disentangled Adversarial VAEs and Structure-Aware Loss"): VAE-S, AVAE, AVAE-S.
+# Their networks, losses and steps. Reconstruction terms are PER SAMPLE (B,), summed over pixels
+# / maps like sse(); the total correlation is a property of the batch (a scalar).
+# --------------------------------------------------------------------------------------------------
+class Discriminator(nn.Module):
+    """Dis(x) of AVAE-S Eq. 11 for --arch resnet: the encoder, but "it uses max pooling for
+    down-sampling" (AVAE-S Sec. III). Our encoder down-samples with AvgPool2d, not strided convs,
+    so MaxPool2d takes its place; the head is one logit (the sigmoid lives in the losses).
+    (B, C, H, W) -> logits (B,) in float32."""
+
+    def __init__(self, image_channels, channels, image_size):
+        super().__init__()
+        self.conv = encoder_convs(image_channels, channels, nn.MaxPool2d)
+        side = image_size // 2 ** len(channels)
+        self.fc = nn.Linear(channels[-1] * side * side, 1)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1)).float().view(-1)
+
+
+# AVAE-S Table I (--arch avae), verbatim (encoder | decoder):
+#   24 conv. 3x3, stride 1, bnorm, ReLU   | 48 fully-connected, bnorm, tanh
+#   24 conv. 4x4, stride 2, bnorm, ReLU   | 6x6x192 fully-connected, bnorm, tanh
+#   48 conv. 3x3, stride 1, bnorm, ReLU   | 192 conv. 3x3, bnorm, ReLU, NN_upsample
+#   48 conv. 4x4, stride 2, bnorm, ReLU   | 192 conv. 3x3, bnorm, ReLU
+#   96 conv. 3x3, stride 1, bnorm, ReLU   | 96 conv. 3x3, bnorm, ReLU, NN_upsample
+#   96 conv. 4x4, stride 2, bnorm, ReLU   | 96 conv. 3x3, bnorm, ReLU
+#   192 conv. 3x3, stride 1, bnorm, ReLU  | 48 conv. 3x3, bnorm, ReLU, NN_upsample
+#   192 conv. 4x4, stride 2, bnorm, ReLU  | 48 conv. 3x3, bnorm, ReLU
+#   48 fully-connected, bnorm, tanh       | 24 conv. 3x3, bnorm, ReLU, NN_upsample
+#   32 latent dim, z_mean, z_sigma        | 24 conv. 3x3, bnorm, ReLU
+#   32 sampling layer, z_sample           | 3 conv_transpose 1x1, sigmoid
+# Padding "same" (3x3: pad 1; 4x4 stride 2: pad 1, which halves the side), so 96 px -> 6 x 6.
+# Convs before a BatchNorm have no bias (the BatchNorm shift replaces it). The sampling layer is
+# reparameterize().
+class AVAEEncoder(nn.Module):
+    """AVAE-S Table I encoder: x (B, C, S, S) -> mu, logvar, each (B, z_dim) in float32; S
+    divisible by 16 (96 in the paper)."""
+
+    def __init__(self, image_channels, image_size, z_dim, widths=TABLE_I_WIDTHS):
+        super().__init__()
+        side = image_size // 2 ** len(widths)
+        layers, c_in = [], image_channels
+        for width in widths:
+            layers += [
+                nn.Conv2d(c_in, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.Conv2d(width, width, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+            ]
+            c_in = width
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Sequential(
+            nn.Linear(widths[-1] * side * side, 48, bias=False), nn.BatchNorm1d(48), nn.Tanh()
+        )
+        self.fc_mu = nn.Linear(48, z_dim)
+        # DEVIATION: AVAE-S Table I names the second head z_sigma; it outputs log-variance here,
+        # like every encoder in this file, so the shared KL and reparameterisation apply unchanged.
+        self.fc_logvar = nn.Linear(48, z_dim)
+
+    def forward(self, x):
+        h = self.fc(self.conv(x).flatten(1))  # (B, 48)
+        return self.fc_mu(h).float(), self.fc_logvar(h).float()
+
+
+class AVAEDecoder(nn.Module):
+    """AVAE-S Table I decoder: z (B, z_dim) -> image (B, C, S, S) in (0, 1) (sigmoid output),
+    float32. Nearest-neighbour upsampling after the first conv of each width (AVAE-S Sec. III: no
+    checkerboard artifacts)."""
+
+    def __init__(self, image_channels, image_size, z_dim, widths=TABLE_I_WIDTHS):
+        super().__init__()
+        self.side, self.top = image_size // 2 ** len(widths), widths[-1]
+        flat = self.top * self.side * self.side
+        self.fc = nn.Sequential(nn.Linear(z_dim, 48, bias=False), nn.BatchNorm1d(48), nn.Tanh(),
+                                nn.Linear(48, flat, bias=False), nn.BatchNorm1d(flat), nn.Tanh())
+        layers, c_in = [], self.top
+        for width in reversed(widths):  # 192, 96, 48, 24
+            layers += [
+                nn.Conv2d(c_in, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(width, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+            ]
+            c_in = width
+        layers += [nn.ConvTranspose2d(c_in, image_channels, 1), nn.Sigmoid()]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.conv(self.fc(z).view(z.shape[0], self.top, self.side, self.side)).float()
+
+
+class AVAEDiscriminator(nn.Module):
+    """Dis(x) for --arch avae: AVAE-S Table I's encoder with each 4x4 stride-2 conv replaced by
+    MaxPool2d(2) (AVAE-S Sec. III), its 48-unit fully-connected layer (bnorm, tanh), then one
+    logit. (B, C, S, S) -> logits (B,)."""
+
+    def __init__(self, image_channels, image_size, widths=TABLE_I_WIDTHS):
+        super().__init__()
+        side = image_size // 2 ** len(widths)
+        layers, c_in = [], image_channels
+        for width in widths:
+            layers += [
+                nn.Conv2d(c_in, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+            c_in = width
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Sequential(
+            nn.Linear(widths[-1] * side * side, 48, bias=False),
+            nn.BatchNorm1d(48),
+            nn.Tanh(),
+            nn.Linear(48, 1),
+        )
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1)).float().view(-1)
+
+
+def build_discriminator(image_channels, channels, image_size, arch="resnet"):
+    """Dis of AVAE-S Eq. 11 for the chosen architecture."""
+    if arch == "avae":
+        return AVAEDiscriminator(image_channels, image_size)
+    return Discriminator(image_channels, channels, image_size)
+
+
 REC_TERMS = ("mae", "mse", "1-ssim", "sobel", "gabor")  # AVAE-S Eq. 5's five terms, in its order
 
 
@@ -1553,7 +1677,6 @@ def adversarial_gates(accuracy, disc_train_below=0.7, adv_use_above=0.5):
     return accuracy < disc_train_below, accuracy > adv_use_above
 
 
-
 def new_vae_s_state(dataset_size, probe_batches, device):
     """What the VAE-S loss carries through a run: the Gabor bank (float32 on the device), N for
     AVAE-S Eq. 10, and the lambda probe of AVAE-S Eq. 5 (sums of the unweighted terms' batch
@@ -1672,84 +1795,13 @@ def adversarial_step(encoder, decoder, disc, opt_encoder, opt_decoder, opt_disc,
 
 
 # --------------------------------------------------------------------------------------------------
-# one training iteration: the phase's method and its weights from the config
-# --------------------------------------------------------------------------------------------------
-def step_method(cfg, epoch):
-    """The method whose step trains this epoch: the plain VAE during the introspective warm-up
-    (num_vae epochs) and avae's pre-training, VAE-S during avae-s's, else cfg.model."""
-    if epoch < cfg.num_vae or (cfg.model == "avae" and epoch < cfg.pretrain_epochs):
-        return "vae"
-    if cfg.model == "avae-s" and epoch < cfg.pretrain_epochs:
-        return "vae-s"
-    return cfg.model
-
-
-def train_step(method, nets, opts, x, cfg, c, s, amp, vae_s_state=None):
-    """One iteration of `method` (step_method's name) on the batch x: the one place that turns the
-    config into the steps' arguments. c: Eq. 9's annealing coefficient of this iteration (used by
-    asintrovae only); s = 1 / (C H W). -> dict of detached 0-d tensors."""
-    encoder, decoder = nets["encoder"], nets["decoder"]
-    pair = (encoder, decoder, opts["encoder"], opts["decoder"])
-    betas = {"beta_rec": cfg.beta_rec, "beta_kl": cfg.beta_kl, "amp": amp}
-    sharp = {"beta_tc": cfg.beta_tc, "tc_estimator": cfg.tc_estimator}
-    if method == "vae":
-        return vae_step(*pair, x, **betas)
-    if method == "vae-s":
-        return vae_s_step(*pair, x, vae_s_state, **betas, **sharp)
-    if method in ("avae", "avae-s"):
-        if method == "avae":
-            objective = functools.partial(vae_objective, **betas)
-        else:
-            objective = functools.partial(
-                vae_s_objective, vae_s_state=vae_s_state, **betas, **sharp
-            )
-        return adversarial_step(encoder, decoder, nets["disc"], opts["encoder"], opts["decoder"],
-                                opts["disc"], x, objective, beta_adv=cfg.beta_adv,
-                                adv_loss=cfg.adv_loss, disc_train_below=cfg.disc_train_below,
-                                adv_use_above=cfg.adv_use_above, amp=amp)
-    eps = torch.randn(x.shape[0], cfg.z_dim, device=x.device)  # (B, z), shared by both halves
-    if method == "introvae":
-        return introvae_step(*pair, x, eps, margin=cfg.margin, beta_neg=cfg.beta_neg, **betas)
-    variant = cfg.variant if method == "asintrovae" else None
-    return soft_intro_step(*pair, x, eps, c=c if variant else 1.0, s=s, beta_neg=cfg.beta_neg,
-                           gamma_r=cfg.gamma_r, variant=variant,
-                           as_gather=cfg.as_gather and world_size() > 1, **betas)
-
-
-@torch.no_grad()
-def update_ema(ema, decoder, decay):
-    """shadow <- decay * shadow + (1 - decay) * weight after each decoder step; BatchNorm buffers
-    are copied."""
-    torch._foreach_lerp_(list(ema.parameters()), list(decoder.parameters()), 1.0 - decay)
-    for shadow, buffer in zip(ema.buffers(), decoder.buffers()):
-        shadow.copy_(buffer)
-
-
-@torch.no_grad()
-def reconstruction_record(encoder, decoder, test_set, cfg, device, amp, bn_batch):
-    """PSNR / SSIM / MSE (eval_metrics, per image, then the mean) of the reconstructions with
-    z = mu of the first cfg.recon_images evaluation images: Table 3's measure, tracked during
-    training (Fig. 7's convergence). BatchNorm as in the final evaluation (cfg.bn_mode, bn_batch
-    images a forward, running averages restored); no random draw, so training is unchanged.
-    -> {"eval_psnr", "eval_ssim", "eval_mse", "eval_images"}."""
-    per_image = {"psnr": [], "ssim": [], "mse": []}
-    with batchnorm_mode([encoder, decoder], cfg.bn_mode):
-        for images in ordered_batches(test_set, bn_batch, cfg.recon_images, cfg.num_workers):
-            x = to_float(images, device)
-            with amp():
-                rec = decoder(encoder(x)[0]).clamp(0, 1)
-            x, rec = x.float().cpu(), rec.float().cpu()
-            for name, metric in (("psnr", psnr), ("ssim", ssim), ("mse", mse)):
-                per_image[name].append(metric(x, rec)[0])
-    per_image = {name: np.concatenate(values) for name, values in per_image.items()}
-    finite = per_image["psnr"][np.isfinite(per_image["psnr"])]
-    return {"eval_psnr": float(finite.mean()) if finite.size else math.inf,
-            "eval_ssim": float(per_image["ssim"].mean()),
-            "eval_mse": float(per_image["mse"].mean()), "eval_images": int(per_image["mse"].size)}
-
-
-# --------------------------------------------------------------------------------------------------
-# loop: device, state, checkpoints, logs, grids
+# APPENDIX: devices, nn.DataParallel and torchrun (one process per GPU or CPU process, gradients
+# averaged by hand)
+# Several forwards through one network before one backward (every step here) is what DDP's
+# wrapper cannot take with BatchNorm (its buffer broadcast before each forward is an in-place
+# write on a tensor autograd still needs). So no DDP wrapper: the ranks start from rank 0's
+# weights, each computes its own gradients on its share of the batch, and each optimiser
+# averages them over the ranks (one all_reduce) before it steps, so the weights stay identical.
 # --------------------------------------------------------------------------------------------------
 def uses_bf16(bf16, device):
     """--bf16 auto | true | false on this device -> whether the networks run in bf16. A
@@ -1783,9 +1835,6 @@ def describe_device(device):
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-# --------------------------------------------------------------------------------------------------
-# torchrun: one process per GPU (or CPU process), gradients averaged by hand
-# --------------------------------------------------------------------------------------------------
 # Several forwards through one network before one backward (every step here) is what DDP's
 # wrapper cannot take with BatchNorm (its buffer broadcast before each forward is an in-place
 # write on a tensor autograd still needs). So no DDP wrapper: the ranks start from rank 0's
@@ -1963,6 +2012,41 @@ def bn_batch_size(batch_size, replica_count):
     return math.ceil(batch_size / replica_count)
 
 
+def check_rank_batches(cfg, train_images, ranks):
+    """Under torchrun every rank needs images in every batch, two for the AVAE-S models (Eq. 10's
+    estimator, Table I's BatchNorm1d): the last batch of an epoch is split too."""
+    if ranks.world == 1:
+        return
+    last = train_images % cfg.batch_size or cfg.batch_size
+    need = 2 if cfg.model in SHARP_MODELS or cfg.arch == "avae" else 1
+    if last // ranks.world < need:
+        raise ConfigError(
+            f"the last batch of an epoch ({last} images) leaves a rank fewer than {need} at "
+            f"{ranks.world} ranks: change --batch-size"
+        )
+
+
+def plain_copies(nets, cfg, image_channels, device):
+    """The networks with their weights and buffers but ordinary BatchNorm, no wrapper, no
+    gradient averaging: what a rank evaluates on its own (SyncBatchNorm would wait for ranks
+    that run a different number of forwards)."""
+    copies = {"ema": nets["ema"]}
+    copies["encoder"], copies["decoder"] = build_networks(image_channels, cfg.channels,
+                                                          cfg.image_size, cfg.z_dim, cfg.arch)
+    if "disc" in nets:
+        copies["disc"] = build_discriminator(image_channels, cfg.channels, cfg.image_size,
+                                             cfg.arch)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    for name, net in copies.items():
+        if name != "ema":
+            net.load_state_dict(unwrap(nets[name]).state_dict())
+            net.to(device, memory_format=memory_format).train(unwrap(nets[name]).training)
+    return copies
+
+
+# --------------------------------------------------------------------------------------------------
+# APPENDIX: state and checkpoints: the networks and optimisers, RNG states, opening a run
+# --------------------------------------------------------------------------------------------------
 def make_state(cfg, image_channels, device, ranks=None):
     """-> (nets {encoder, decoder, ema[, disc]}, opts {encoder, decoder[, disc]}): avae / avae-s
     add the discriminator and its Adam (the same lr and betas); the trained networks in
@@ -2070,19 +2154,8 @@ def restore_vae_s_state(vae_s_state, record, path):
     )
 
 
-def write_atomically(path, write, binary=False):
-    """write(handle) into a temporary file in the same folder, flushed to disk, then renamed over
-    path: a run killed at any moment leaves the old file or the new one, never a part."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb" if binary else "w") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path, value):
-    write_atomically(path, lambda handle: json.dump(value, handle, indent=2))
+    atomic_write(path, lambda handle: json.dump(value, handle, indent=2), binary=False)
 
 
 def rng_states_of_all_ranks(ranks):
@@ -2112,7 +2185,7 @@ def save_checkpoint(path, nets, opts, step, epoch, total_iters, cfg, avae_s=None
         state["avae_s"] = avae_s
     if rng_by_rank is not None:
         state["rng_by_rank"] = rng_by_rank
-    write_atomically(path, functools.partial(torch.save, state), binary=True)
+    atomic_write(path, functools.partial(torch.save, state))
 
 
 def load_checkpoint(path):
@@ -2162,11 +2235,137 @@ def check_same_run(saved, cfg, path):
             )
 
 
-def format_seconds(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+@dataclass
+class Run:
+    """What a training run holds besides the config: where it writes, the data, the networks and
+    optimisers, the VAE-S state, and the step it starts from."""
+    out_dir: str
+    ckpt_path: str
+    device: torch.device
+    amp: object  # amp() -> a bf16 autocast context (uses_bf16), else a no-op
+    train_set: object
+    test_set: object
+    split: str  # the name of the evaluation split
+    stop: int  # the last step this command trains: T, or --max-iters
+    nets: dict
+    opts: dict
+    vae_s_state: object
+    step: int
+    resumed: bool
+    ranks: Ranks  # torchrun's rank and world size; Ranks() in a plain run
 
 
+def open_run(cfg):
+    """The run of cfg's folder: a new one (start_run), or the one whose checkpoint.pt is there
+    (resume_run: same flags, same RNG state). Under torchrun every rank joins the process group
+    here, reads the checkpoint, and builds the same networks; only rank 0 prints and writes."""
+    ranks = ranks_from_environment(os.environ, cfg.batch_size)
+    say = print if ranks.is_writer else (lambda *args, **kwargs: None)
+    out_dir = cfg.out or os.path.join("runs", run_name(cfg))
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    state = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
+    if state is not None:
+        check_resumable(state, cfg, ckpt_path, ranks, say)
+    start_process_group(ranks, cfg.device)
+    device, amp = setup_device(cfg.device, cfg.bf16, ranks)
+    if cfg.sync_bn and ranks.world > 1 and device.type != "cuda":
+        raise ConfigError("--sync-bn true needs CUDA: torch's SyncBatchNorm runs on GPUs only")
+    train_set, test_set, split = load_data(cfg)
+    if isinstance(train_set, ImageArray):
+        train_set.images = train_set.images.to(device)
+    iters_per_epoch, total_iters = annealing_length(len(train_set), cfg)
+    stop = min(total_iters, cfg.max_iters) if cfg.max_iters else total_iters
+    check_batch_sizes(cfg, len(train_set), min(cfg.eval_images or len(test_set), len(test_set)),
+                      min(cfg.recon_images, len(test_set)) if cfg.recon_every else 0)
+    check_rank_batches(cfg, len(train_set), ranks)
+    seed_everything(cfg.seed)
+    nets, opts = make_state(cfg, train_set.shape[0], device, ranks)
+    if ranks.rank > 0:  # each rank its own noise; rank 0 draws what a plain run draws
+        seed_everything(int(np.random.SeedSequence([cfg.seed, ranks.rank]).generate_state(1)[0]))
+    vae_s_state = None
+    if cfg.model in SHARP_MODELS:
+        probe = cfg.lambda_batches or iters_per_epoch
+        vae_s_state = new_vae_s_state(len(train_set), probe, device)
+    if state is None:
+        step = 0
+        say(start_run_line(cfg, out_dir, train_set, iters_per_epoch, total_iters, stop, device,
+                           ranks), flush=True)
+    else:
+        step = resume_run(state, nets, opts, vae_s_state, ckpt_path, ranks)
+    say(effective_config(cfg, device), flush=True)
+    derived = {"image_shape": train_set.shape, "s": elbo_scale(train_set.shape),
+               "train_images": len(train_set), "eval_split": split,
+               "iters_per_epoch": iters_per_epoch, "total_iters": total_iters,
+               "device": describe_device(device), "torch": torch.__version__,
+               "world_size": ranks.world, "batch_size_per_rank": cfg.batch_size // ranks.world,
+               "batch_size_is": "global: all ranks together; each rank batch_size / world_size",
+               "batchnorm_batch": batchnorm_batch(cfg, ranks, nets["decoder"]),
+               "as_distance_over": ("all ranks' batch" if cfg.as_gather or ranks.world == 1
+                                    else "each rank's batch")}
+    if ranks.is_writer:
+        os.makedirs(out_dir, exist_ok=True)
+        write_json(
+            os.path.join(out_dir, "config.json"), {**dataclasses.asdict(cfg), "derived": derived}
+        )
+    return Run(out_dir, ckpt_path, device, amp, train_set, test_set, split, stop, nets, opts,
+               vae_s_state, step, resumed=state is not None, ranks=ranks)
+
+
+def start_run_line(cfg, out_dir, train_set, iters_per_epoch, total_iters, stop, device, ranks):
+    """The first line of a new run: model, data, T, where it stops, the device."""
+    detail = {
+        "asintrovae": f" ({cfg.variant})",
+        "avae": f" ({cfg.pretrain_epochs} pretrain + {cfg.adv_epochs} adversarial epochs)",
+    }
+    detail["avae-s"] = detail["avae"]
+    return (f"new run {out_dir}: {cfg.model}{detail.get(cfg.model, '')}"
+            f"{' on AVAE-S Table I nets' if cfg.arch == 'avae' else ''} on {cfg.dataset} "
+            f"{'x'.join(map(str, train_set.shape))}, {len(train_set)} images, {iters_per_epoch} "
+            f"iterations/epoch, T = {total_iters}, stop at {stop}, {describe_device(device)}"
+            + (f", {ranks.world} torchrun ranks of {cfg.batch_size // ranks.world} images"
+               if ranks.world > 1 else ""))
+
+
+def check_resumable(state, cfg, ckpt_path, ranks, say):
+    """The checkpoint fits this command (the same training flags, the same number of processes);
+    says where the run resumes."""
+    check_same_run(config_from_checkpoint(state, ckpt_path), cfg, ckpt_path)
+    saved_world = len(state.get("rng_by_rank") or [None])
+    if saved_world != ranks.world:
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} was made by {saved_world} process(es), this launch has "
+            f"{ranks.world}: resume with the same torchrun --nproc_per_node x --nnodes"
+        )
+    c_now = annealing_coefficient(state["step"], state["total_iters"], annealing_schedule(cfg))
+    say(f"resuming from {ckpt_path} at step {state['step']} of {state['total_iters']}"
+        + (f" (c = {c_now:.6f})" if cfg.model == "asintrovae" else "")
+        + (f" (phase {phase_name(cfg, state['epoch'])})"
+           if cfg.model in ADVERSARIAL_MODELS else ""), flush=True)
+
+
+def resume_run(state, nets, opts, vae_s_state, ckpt_path, ranks):
+    """The checkpoint's networks, optimisers, VAE-S state and this rank's RNG state, in place;
+    -> the step to go on from."""
+    restore(state, nets, opts, ckpt_path)
+    if vae_s_state is not None:
+        restore_vae_s_state(vae_s_state, state.get("avae_s"), ckpt_path)
+    set_rng_state(state["rng_by_rank"][ranks.rank] if ranks.world > 1 else state["rng"])
+    return state["step"]
+
+
+def effective_config(cfg, device):
+    """The flags that decide what is trained, after the presets, as they would be typed, and the
+    precision the networks run in; wrapped to 100 columns."""
+    flags = " ".join(f"--{f.name.replace('_', '-')} {shown(getattr(cfg, f.name))}"
+                      for f in dataclasses.fields(Config) if f.name not in RUN_FLAGS | {"table"})
+    precision = "bf16" if uses_bf16(cfg.bf16, device) else "fp32"
+    return textwrap.fill(f"config: {flags} ({precision})", 100, subsequent_indent="  ",
+                         break_on_hyphens=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# APPENDIX: logs and pictures: log.jsonl, the progress line, curves.png, image grids, NaN watch
+# --------------------------------------------------------------------------------------------------
 def save_grid(rows, path, nrow):
     """Stack image batches (each (n, C, H, W) in [0, 1]) into one PNG, nrow images per line."""
     torchvision.utils.save_image(
@@ -2203,24 +2402,6 @@ def training_grid(nets, real, noise, bn_mode, amp, path):
         fake = ema(noise)
     if path is not None:
         save_grid([real[:16], rec[:16], fake[:16]], path, nrow=16)
-
-
-def plain_copies(nets, cfg, image_channels, device):
-    """The networks with their weights and buffers but ordinary BatchNorm, no wrapper, no
-    gradient averaging: what a rank evaluates on its own (SyncBatchNorm would wait for ranks
-    that run a different number of forwards)."""
-    copies = {"ema": nets["ema"]}
-    copies["encoder"], copies["decoder"] = build_networks(image_channels, cfg.channels,
-                                                          cfg.image_size, cfg.z_dim, cfg.arch)
-    if "disc" in nets:
-        copies["disc"] = build_discriminator(image_channels, cfg.channels, cfg.image_size,
-                                             cfg.arch)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    for name, net in copies.items():
-        if name != "ema":
-            net.load_state_dict(unwrap(nets[name]).state_dict())
-            net.to(device, memory_format=memory_format).train(unwrap(nets[name]).training)
-    return copies
 
 
 def plot_curves(records, path, keys):
@@ -2288,146 +2469,6 @@ def read_log(path, max_step):
     return [r for r in records if r["step"] <= max_step]
 
 
-@dataclass
-class Run:
-    """What a training run holds besides the config: where it writes, the data, Eq. 9's T and s,
-    the networks and optimisers, the VAE-S state, and the step it starts from."""
-    out_dir: str
-    ckpt_path: str
-    device: torch.device
-    amp: object  # amp() -> a bf16 autocast context (uses_bf16), else a no-op
-    train_set: object
-    test_set: object
-    split: str  # the name of the evaluation split
-    s: float  # 1 / (C H W)
-    iters_per_epoch: int
-    total_iters: int  # T of Eq. 9
-    stop: int
-    schedule: str  # annealing_coefficient's schedule
-    nets: dict
-    opts: dict
-    vae_s_state: object
-    step: int
-    resumed: bool
-    ranks: Ranks  # torchrun's rank and world size; Ranks() in a plain run
-
-
-def start_or_resume(cfg):
-    """A new run, or the run whose checkpoint.pt is in the run folder
-    (same flags, same RNG state). Under torchrun every rank joins the process group here, reads
-    the checkpoint, and builds the same networks; only rank 0 prints and writes."""
-    ranks = ranks_from_environment(os.environ, cfg.batch_size)
-    say = print if ranks.is_writer else (lambda *args, **kwargs: None)
-    out_dir = cfg.out or os.path.join("runs", run_name(cfg))
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    state = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
-    official = cfg.model == "asintrovae" and cfg.variant == "official"
-    schedule = "tanh" if official else "linear"  # OFFICIAL: the released code anneals with tanh
-    if state is not None:
-        check_same_run(config_from_checkpoint(state, ckpt_path), cfg, ckpt_path)
-        saved_world = len(state.get("rng_by_rank") or [None])
-        if saved_world != ranks.world:
-            raise CheckpointError(
-                f"checkpoint {ckpt_path} was made by {saved_world} process(es), this launch has "
-                f"{ranks.world}: resume with the same torchrun --nproc_per_node x --nnodes"
-            )
-        c_now = annealing_coefficient(state["step"], state["total_iters"], schedule)
-        say(f"resuming from {ckpt_path} at step {state['step']} of {state['total_iters']}"
-              + (f" (c = {c_now:.6f})" if cfg.model == "asintrovae" else "")
-              + (f" (phase {phase_name(cfg, state['epoch'])})"
-                 if cfg.model in ADVERSARIAL_MODELS else ""), flush=True)
-    start_process_group(ranks, cfg.device)
-    device, amp = setup_device(cfg.device, cfg.bf16, ranks)
-    if cfg.sync_bn and ranks.world > 1 and device.type != "cuda":
-        raise ConfigError("--sync-bn true needs CUDA: torch's SyncBatchNorm runs on GPUs only")
-    train_set, test_set, split = load_data(cfg)
-    if isinstance(train_set, ImageArray):
-        train_set.images = train_set.images.to(device)
-    s = 1.0 / math.prod(train_set.shape)  # 1 / (C H W): keeps the exp-terms from vanishing
-    iters_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    total_iters = iters_per_epoch * cfg.epochs  # T of Eq. 9, the last partial batch included
-    stop = min(total_iters, cfg.max_iters) if cfg.max_iters else total_iters
-    check_batch_sizes(cfg, len(train_set), min(cfg.eval_images or len(test_set), len(test_set)),
-                      min(cfg.recon_images, len(test_set)) if cfg.recon_every else 0)
-    check_rank_batches(cfg, len(train_set), ranks)
-    seed_everything(cfg.seed)
-    nets, opts = make_state(cfg, train_set.shape[0], device, ranks)
-    if ranks.rank > 0:  # each rank its own noise; rank 0 draws what a plain run draws
-        seed_everything(int(np.random.SeedSequence([cfg.seed, ranks.rank]).generate_state(1)[0]))
-    vae_s_state = None
-    if cfg.model in SHARP_MODELS:
-        probe = cfg.lambda_batches or iters_per_epoch
-        vae_s_state = new_vae_s_state(len(train_set), probe, device)
-    step = 0
-    if state is not None:
-        restore(state, nets, opts, ckpt_path)
-        if vae_s_state is not None:
-            restore_vae_s_state(vae_s_state, state.get("avae_s"), ckpt_path)
-        set_rng_state(state["rng_by_rank"][ranks.rank] if ranks.world > 1 else state["rng"])
-        step = state["step"]
-    else:
-        detail = {
-            "asintrovae": f" ({cfg.variant})",
-            "avae": f" ({cfg.pretrain_epochs} pretrain + {cfg.adv_epochs} adversarial epochs)",
-        }
-        detail["avae-s"] = detail["avae"]
-        say(f"new run {out_dir}: {cfg.model}{detail.get(cfg.model, '')}"
-              f"{' on AVAE-S Table I nets' if cfg.arch == 'avae' else ''} on {cfg.dataset} "
-              f"{'x'.join(map(str, train_set.shape))}, {len(train_set)} images, {iters_per_epoch} "
-              f"iterations/epoch, T = {total_iters}, stop at {stop}, {describe_device(device)}"
-              + (f", {ranks.world} torchrun ranks of {cfg.batch_size // ranks.world} images"
-                 if ranks.world > 1 else ""), flush=True)
-    say(effective_config(cfg, device), flush=True)
-    derived = {"image_shape": train_set.shape, "s": s, "train_images": len(train_set),
-               "eval_split": split, "iters_per_epoch": iters_per_epoch, "total_iters": total_iters,
-               "device": describe_device(device), "torch": torch.__version__,
-               "world_size": ranks.world, "batch_size_per_rank": cfg.batch_size // ranks.world,
-               "batch_size_is": "global: all ranks together; each rank batch_size / world_size",
-               "batchnorm_batch": batchnorm_batch(cfg, ranks, nets["decoder"]),
-               "as_distance_over": ("all ranks' batch" if cfg.as_gather or ranks.world == 1
-                                    else "each rank's batch")}
-    if ranks.is_writer:
-        os.makedirs(out_dir, exist_ok=True)
-        write_json(
-            os.path.join(out_dir, "config.json"), {**dataclasses.asdict(cfg), "derived": derived}
-        )
-    return Run(out_dir, ckpt_path, device, amp, train_set, test_set, split, s, iters_per_epoch,
-               total_iters, stop, schedule, nets, opts, vae_s_state, step,
-               resumed=state is not None, ranks=ranks)
-
-
-def effective_config(cfg, device):
-    """The flags that decide what is trained, after the presets, as they would be typed, and the
-    precision the networks run in; wrapped to 100 columns."""
-    flags = " ".join(f"--{f.name.replace('_', '-')} {shown(getattr(cfg, f.name))}"
-                      for f in dataclasses.fields(Config) if f.name not in RUN_FLAGS | {"table"})
-    precision = "bf16" if uses_bf16(cfg.bf16, device) else "fp32"
-    return textwrap.fill(f"config: {flags} ({precision})", 100, subsequent_indent="  ",
-                         break_on_hyphens=False)
-
-
-def check_rank_batches(cfg, train_images, ranks):
-    """Under torchrun every rank needs images in every batch, two for the AVAE-S models (Eq. 10's
-    estimator, Table I's BatchNorm1d): the last batch of an epoch is split too."""
-    if ranks.world == 1:
-        return
-    last = train_images % cfg.batch_size or cfg.batch_size
-    need = 2 if cfg.model in SHARP_MODELS or cfg.arch == "avae" else 1
-    if last // ranks.world < need:
-        raise ConfigError(
-            f"the last batch of an epoch ({last} images) leaves a rank fewer than {need} at "
-            f"{ranks.world} ranks: change --batch-size"
-        )
-
-
-def flip_at_random(x, enabled):
-    """Mirror each image left-right with probability 1/2 (draws from the training RNG)."""
-    if not enabled:
-        return x
-    flip = torch.rand(x.shape[0], device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
-
-
 class FiniteWatch:
     """The first step with a non-finite loss, watched on the device: add() records it without a
     host sync (one sync per iteration would stall the GPU's queue), raise_if_diverged() reads it
@@ -2482,7 +2523,7 @@ class TrainingLog:
         self.records = read_log(self.path, step)
         lines = [json.dumps(record) + "\n" for record in self.records]
         if writer:
-            write_atomically(self.path, lambda handle: handle.writelines(lines))
+            atomic_write(self.path, lambda handle: handle.writelines(lines), binary=False)
         # one line rewritten in a terminal, a line per record in a file
         self.end = "\r" if sys.stdout.isatty() else "\n"
         self.lambdas_shown = False
@@ -2557,80 +2598,32 @@ class TrainingLog:
             print()
 
 
-def train(cfg):
-    """Soft-IntroVAE's Algorithm 1 with Eq. 9's c: per iteration c, the encoder step then the
-    decoder step (train_step), the decoder's EMA; around it the log, image grids, checkpoints.
-    Under torchrun every rank runs this loop on its share of each global batch; the optimisers
-    average the gradients over the ranks (make_state), so the weights stay the same everywhere."""
-    run = start_or_resume(cfg)
-    nets, opts, step, ranks = run.nets, run.opts, run.step, run.ranks
-    log = TrainingLog(cfg, run.out_dir, step, run.stop, writer=ranks.is_writer)
-    watch = FiniteWatch(run.device)
-    # the grids' fixed inputs; their noise has its own generator: grids never move the training RNG
-    grid_batch = batchnorm_batch(cfg, ranks, nets["decoder"])  # what one BatchNorm sees
-    grid_real = to_float(next(ordered_batches(run.train_set, grid_batch, grid_batch, 0)),
-                         run.device)
-    grid_noise = torch.randn(grid_real.shape[0], cfg.z_dim,
-                             generator=torch.Generator().manual_seed(cfg.seed)).to(run.device)
-    epoch = step // run.iters_per_epoch
-    while step < run.stop:
-        skip = step - epoch * run.iters_per_epoch
-        for batch in epoch_batches(run.train_set, cfg.batch_size, cfg.seed, epoch, skip,
-                                   cfg.num_workers, ranks):  # this rank's share
-            x = flip_at_random(to_float(batch, run.device), cfg.hflip)  # (B, C, H, W) in [0, 1]
-            c = annealing_coefficient(step, run.total_iters, run.schedule)
-            stats = train_step(step_method(cfg, epoch), nets, opts, x, cfg, c, run.s, run.amp,
-                               run.vae_s_state)
-            average_buffers_over_ranks([nets[name] for name in opts])  # no-op in a plain run
-            update_ema(nets["ema"], unwrap(nets["decoder"]), cfg.ema_decay)
-            step += 1
-            watch.add(stats, step)
-            if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == run.stop:
-                watch.raise_if_diverged(run.ckpt_path)  # the one host sync of the interval
-            log.add(step, epoch, stats, c, x.shape[0] * ranks.world, run.vae_s_state)
-            # at T too, not at --max-iters: a stopped and resumed run logs what an unbroken one does
-            if cfg.recon_every and (step % cfg.recon_every == 0 or step == run.total_iters):
-                # every rank runs the same forwards (SyncBatchNorm's collectives), rank 0 writes
-                log.add_record(step, reconstruction_record(
-                    unwrap(nets["encoder"]), unwrap(nets["decoder"]), run.test_set, cfg,
-                    run.device, run.amp, grid_batch))
-            if step % cfg.img_every == 0 or step == run.stop:
-                path = os.path.join(run.out_dir, f"grid_{step:07d}.png")
-                # every rank runs the forwards (SyncBatchNorm's collectives), rank 0 saves
-                training_grid(nets, grid_real, grid_noise, cfg.bn_mode, run.amp,
-                              path if ranks.is_writer else None)
-            if step % cfg.ckpt_every == 0 or step == run.stop:
-                epochs_done = step // run.iters_per_epoch
-                rng_by_rank = rng_states_of_all_ranks(ranks)
-                if ranks.is_writer:
-                    save_checkpoint(run.ckpt_path, nets, opts, step, epochs_done,
-                                    run.total_iters, cfg,
-                                    avae_s_record(cfg, epochs_done, run.vae_s_state), rng_by_rank)
-            if step >= run.stop:
-                break
-        epoch += 1
-    log.close()
-    if run.resumed and run.step >= run.stop and ranks.is_writer:
-        print(
-            f"training already done at step {run.step} (stop at {run.stop}); evaluating", flush=True
-        )
-    if ranks.world > 1:
-        # the evaluation's forwards are each rank's own: plain BatchNorm copies of the networks
-        nets = plain_copies(nets, cfg, run.train_set.shape[0], run.device)
-    results = evaluate(nets, cfg, run.train_set, run.test_set, run.split, run.device, run.amp,
-                       run.out_dir, ranks)
-    if ranks.is_writer:
-        results.update(checkpoint=run.ckpt_path, step=step,
-                       **avae_s_results(cfg, step, run.iters_per_epoch, run.vae_s_state))
-        write_results(results, run.out_dir)
-    if ranks.world > 1:
-        dist.barrier()  # no rank leaves while rank 0 still writes
-        dist.destroy_process_group()
+# --------------------------------------------------------------------------------------------------
+# APPENDIX: evaluation: Table 3's reconstructions (during training and at the end), FID, pictures
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def reconstruction_record(encoder, decoder, test_set, cfg, device, amp, bn_batch):
+    """PSNR / SSIM / MSE (eval_metrics, per image, then the mean) of the reconstructions with
+    z = mu of the first cfg.recon_images evaluation images: Table 3's measure, tracked during
+    training (Fig. 7's convergence). BatchNorm as in the final evaluation (cfg.bn_mode, bn_batch
+    images a forward, running averages restored); no random draw, so training is unchanged.
+    -> {"eval_psnr", "eval_ssim", "eval_mse", "eval_images"}."""
+    per_image = {"psnr": [], "ssim": [], "mse": []}
+    with batchnorm_mode([encoder, decoder], cfg.bn_mode):
+        for images in ordered_batches(test_set, bn_batch, cfg.recon_images, cfg.num_workers):
+            x = to_float(images, device)
+            with amp():
+                rec = decoder(encoder(x)[0]).clamp(0, 1)
+            x, rec = x.float().cpu(), rec.float().cpu()
+            for name, metric in (("psnr", psnr), ("ssim", ssim), ("mse", mse)):
+                per_image[name].append(metric(x, rec)[0])
+    per_image = {name: np.concatenate(values) for name, values in per_image.items()}
+    finite = per_image["psnr"][np.isfinite(per_image["psnr"])]
+    return {"eval_psnr": float(finite.mean()) if finite.size else math.inf,
+            "eval_ssim": float(per_image["ssim"].mean()),
+            "eval_mse": float(per_image["mse"].mean()), "eval_images": int(per_image["mse"].size)}
 
 
-# --------------------------------------------------------------------------------------------------
-# evaluation
-# --------------------------------------------------------------------------------------------------
 def summary(per_image):
     return {"mean": float(np.mean(per_image)), "std": float(np.std(per_image))}
 
@@ -2783,6 +2776,8 @@ def save_pictures(encoder, decoder, sample, first, z_dim, device, amp, out_dir):
 
 # pytorch-fid's blocks 0-3: first max pool, second max pool, pre-aux classifier, pool3
 FID_DEPTHS = (64, 192, 768, 2048)
+
+
 FID_NOTE = (
     "FID at pytorch-fid's four Inception depths (64: first max pool, 192: second max pool, 768: "
     "pre-aux "
@@ -2934,14 +2929,14 @@ def run_evaluation(given):
     os.makedirs(out_dir, exist_ok=True)
     print(f"evaluating {path} (step {state['step']}) on {describe_device(device)}", flush=True)
     results = evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir)
-    iters_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    iters_per_epoch, _ = annealing_length(len(train_set), cfg)
     results.update(checkpoint=path, step=state["step"],
                    **avae_s_results(cfg, state["step"], iters_per_epoch, state.get("avae_s")))
     write_results(results, out_dir)
 
 
 # --------------------------------------------------------------------------------------------------
-# --table: finished runs side by side (the README's image tables and figures)
+# APPENDIX: --table: finished runs side by side (the README's image tables and figures)
 # --------------------------------------------------------------------------------------------------
 # AS-IntroVAE Table 3 (test reconstructions, z = mu): PSNR, SSIM, MSE of S-IntroVAE and AS-IntroVAE.
 PAPER_TABLE3 = {
@@ -2951,10 +2946,16 @@ PAPER_TABLE3 = {
     "celeba128": {"sintrovae": (17.818, 0.561, 0.018), "asintrovae": (22.924, 0.801, 0.006)},
     "celeba256": {"sintrovae": (22.422, 0.790, 0.007), "asintrovae": (23.156, 0.758, 0.006)},
 }
+
+
 METHOD_NAMES = {"vae": "VAE", "introvae": "IntroVAE", "sintrovae": "S-IntroVAE",
                 "asintrovae": "AS-IntroVAE", "vae-s": "VAE-S", "avae": "AVAE", "avae-s": "AVAE-S"}
+
+
 METHOD_COLOURS = ((110, 110, 110), (230, 140, 20), (40, 90, 200), (200, 30, 30), (150, 60, 170),
                   (20, 150, 120), (120, 80, 40))
+
+
 # the curves of --table: log key, panel title (with unit)
 COMPARISON_CURVES = (("eval_psnr", "test PSNR (dB), z = mu"), ("eval_ssim", "test SSIM, z = mu"),
                      ("eval_mse", "test MSE per pixel, z = mu"),
@@ -3013,8 +3014,8 @@ def comparison_table(runs):
     """table.md's text: per method, PSNR / SSIM / MSE of the test reconstructions, mean ± sample
     std over seeds, beside the paper's Table 3 row; then one line per run."""
     groups = by_method(runs)
-    lines = ["| method | seeds | PSNR (dB) ↑ | SSIM ↑ | MSE ↓ | paper Table 3 (PSNR / SSIM / MSE) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | PSNR (dB) ↑ | SSIM ↑ | MSE ↓ "
+             "| paper Table 3 (PSNR / SSIM / MSE) |", "|---|---|---|---|---|---|"]
     for method, group in groups.items():
         scores = [g["results"]["reconstruction"] for g in group]
         paper = PAPER_TABLE3.get(group[0]["dataset"], {}).get(group[0]["model"])
@@ -3148,13 +3149,17 @@ def write_comparison(spec, out_dir):
     runs = [read_run(folder) for folder in run_folders(spec)]
     os.makedirs(out_dir, exist_ok=True)
     table = comparison_table(runs)
-    write_atomically(os.path.join(out_dir, "table.md"), lambda handle: handle.write(table))
+    atomic_write(os.path.join(out_dir, "table.md"), lambda handle: handle.write(table),
+                 binary=False)
     comparison_curves(runs, os.path.join(out_dir, "curves.png"))
     picture_sheet(runs, os.path.join(out_dir, "pictures.png"))
     print(table + f"-> {out_dir}/table.md, curves.png, pictures.png ({len(runs)} runs)",
           flush=True)
 
 
+# --------------------------------------------------------------------------------------------------
+# APPENDIX: --bench
+# --------------------------------------------------------------------------------------------------
 def bench(cfg):
     """cfg.bench timed iterations (after 2 untimed ones) on random images at the config's shapes,
     of the model's last-phase step (avae / avae-s: the adversarial step)."""
@@ -3170,7 +3175,7 @@ def bench(cfg):
     )
     method = step_method(cfg, cfg.epochs - 1)
     images = torch.randint(0, 256, (4 * cfg.batch_size, *shape), dtype=torch.uint8, device=device)
-    s, warmup = 1.0 / math.prod(shape), 2
+    s, warmup = elbo_scale(shape), 2
     for i in range(warmup + cfg.bench):
         if i == warmup:
             if device.type == "cuda":
@@ -3221,8 +3226,76 @@ def bench_each_precision(cfg):
 
 
 # --------------------------------------------------------------------------------------------------
-# main
+# APPENDIX: command line and main()
 # --------------------------------------------------------------------------------------------------
+def parse_channels(text):
+    try:
+        channels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 64,128,256, got {text!r}"
+        )
+    if not channels or min(channels) < 1:
+        raise argparse.ArgumentTypeError(f"channels must be positive, got {text!r}")
+    return channels
+
+
+def shown(value):
+    """A flag value as it is typed: 64,128,256; true / false; none for an empty text."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "none" if value == "" else str(value)
+
+
+PRESET_FIELDS = {name for row in PRESETS.values() for name in row}
+
+
+PRESET_COLUMNS = ("image_size", "channels", "z_dim", "batch_size", "epochs", "beta_kl", "beta_rec",
+                  "beta_neg", "margin", "hflip")
+
+
+def presets_text():
+    """--help's epilog: each dataset's preset row, and the model preset of introvae."""
+    header = ("dataset", "size", "channels", "z", "batch", "epochs", "beta_kl", "beta_rec",
+              "beta_neg", "margin", "hflip")
+    rows = [header] + [(name, *(shown(row.get(key, getattr(Config, key)))
+                                for key in PRESET_COLUMNS))
+                       for name, row in PRESETS.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    table = "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                      for row in rows)
+    introvae = ", ".join(f"{key} {value}" for key, value in MODEL_PRESETS["introvae"].items())
+    return (f"dataset presets (a flag given overrides its value; folder and npz take the row of\n"
+            f"their image size, 28, 32, 128 or 256 px):\n{table}\n--model introvae also sets "
+            f"{introvae}.\nA run prints its effective config when it starts.")
+
+
+def build_parser():
+    """One --flag per Config field; only the flags actually given end up in the namespace."""
+    summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph
+    parser = OneLineParser(prog="as_introvae.py", description=summary,
+                           argument_default=argparse.SUPPRESS,
+                           allow_abbrev=False, epilog=presets_text(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parse = {int: int, float: float, str: str, bool: parse_bool, tuple: parse_channels}
+    metavars = {bool: "true|false", tuple: "C1,C2,..."}
+    for f in dataclasses.fields(Config):
+        default = shown(f.default)
+        if f.name in PRESET_FIELDS:
+            default = f"from the dataset preset (see below); without one {default}"
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=parse[f.type],
+            choices=CHOICES.get(f.name),
+            metavar=metavars.get(f.type),
+            help=f"{f.metadata['help']} (default: {default})",
+        )
+    return parser
+
+
 def one_line(error):
     """An error's message as one line (one re-raised from a DataLoader worker has a traceback)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -3234,6 +3307,9 @@ def one_line(error):
 def main(argv=None):
     try:
         given = vars(build_parser().parse_args(argv))
+    except SystemExit as stop:  # --help (0), or a usage mistake already said in one line (2)
+        return stop.code
+    try:
         if (given.get("eval") or given.get("bench")) and int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise ConfigError("--eval and --bench run in one process: start them with python, "
                               "not torchrun")

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -59,38 +60,39 @@ class MetricWarning(UserWarning):
 # --------------------------------------------------------------------------------------------------
 # config: one field per command-line option (subcommands pick theirs in build_parser)
 # --------------------------------------------------------------------------------------------------
-def _option(default, help_text):
-    """A config field whose one-line help text is also its --flag's help."""
-    return field(default=default, metadata={"help": help_text})
+def option(default, help):
+    """A config field whose one-line help text is also its --flag's help (the three scripts'
+    configs all use it)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class MetricsConfig:
-    weights: str = _option(
+    weights: str = option(
         "", "Inception weights file; default: torch hub cache (downloads when online)"
     )
-    device: str = _option("cpu", "torch device for the Inception, e.g. cpu or cuda")
-    batch_size: int = _option(50, "images per Inception forward (pytorch-fid's default 50)")
-    dims: int = _option(2048, "Inception feature depth; only 2048 is comparable across papers")
-    bn_batch_stats: bool = _option(
+    device: str = option("cpu", "torch device for the Inception, e.g. cpu or cuda")
+    batch_size: int = option(50, "images per Inception forward (pytorch-fid's default 50)")
+    dims: int = option(2048, "Inception feature depth; only 2048 is comparable across papers")
+    bn_batch_stats: bool = option(
         False, "Soft-IntroVAE's training-time FID: train-mode BatchNorm (NOT standard FID)"
     )
-    frechet_method: str = _option(
+    frechet_method: str = option(
         "symmetric", "tr sqrt(S1 S2): symmetric (eigh, fast) or eigvals (closest to scipy)"
     )
-    ssim_convention: str = _option(
+    ssim_convention: str = option(
         "gaussian", "gaussian (Wang 2004 = skimage gaussian_weights) or skimage_default (7x7 box)"
     )
-    opencv_exact: bool = _option(
+    opencv_exact: bool = option(
         False, "sharpness on OpenCV's rounded uint8 grey instead of float grey"
     )
-    progress: bool = _option(True, "one-line progress with rate and ETA on stderr")
-    bench_images: int = _option(50, "bench: images pushed through each Inception")
-    bench_size: int = _option(32, "bench: side of the random test images (resized to 299 inside)")
-    bench_rounds: int = _option(
+    progress: bool = option(True, "one-line progress with rate and ETA on stderr")
+    bench_images: int = option(50, "bench: images pushed through each Inception")
+    bench_size: int = option(32, "bench: side of the random test images (resized to 299 inside)")
+    bench_rounds: int = option(
         3, "bench: timed rounds per extractor, alternating; the best is reported"
     )
-    bench_frechet: bool = _option(
+    bench_frechet: bool = option(
         True, "bench: also time the 2048-d Frechet distance (tens of s on 2 cores)"
     )
 
@@ -269,14 +271,15 @@ def image_batches(paths, batch_size):
         yield torch.stack(batch)
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, binary=True):
     """write(handle) into a new temporary file beside path, flush and fsync it, rename it over path,
     fsync the folder: a crash or a kill leaves the old file or the new one, never a part of one.
-    The file gets a plain open()'s permissions (0o666 less the umask).
-    An OSError becomes a MetricInputError."""
+    The file gets a plain open()'s permissions (0o666 less the umask); binary=False: a text
+    handle. The one atomic writer of the three scripts. An OSError becomes a MetricInputError."""
     temporary = f"{path}.{os.urandom(4).hex()}.tmp"
     try:
-        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        with open(os.open(temporary, flags, 0o666), "wb" if binary else "w") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -1334,21 +1337,27 @@ def parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage mistakes as one line on stderr ('eval_metrics.py: error: ...') and exit code 2, like
-    bad input."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage mistakes are one line on stderr, '<script>: error: <message> (see
+    <prog> --help)', and exit code 2 (SystemExit), like bad input; the script is the first word
+    of prog, so pass prog. The three scripts' parsers all use it."""
 
     def error(self, message):
-        hint = (
-            "boolean options take a value, e.g. --progress false; " if " --no-" in message else ""
-        )
-        self.exit(2, f"eval_metrics.py: error: {message} ({hint}see {self.prog} --help)\n")
+        negated = re.search(r"unrecognized arguments: --no-(\S+)", message)
+        parsers = [self] + [sub for action in self._actions
+                            if isinstance(action, argparse._SubParsersAction)
+                            for sub in action.choices.values()]
+        hint = ""
+        if negated and any(f"--{negated.group(1)}" in p._option_string_actions for p in parsers):
+            hint = f"boolean options take a value, e.g. --{negated.group(1)} false; "
+        self.exit(2, f"{self.prog.split()[0]}: error: {message} ({hint}see {self.prog} --help)\n")
 
 
 def build_parser():
     """argparse from MetricsConfig: each subcommand gets its positional paths and its config fields.
     Every boolean option takes a value: --progress false (parse_bool)."""
-    parser = _OneLineParser(
+    parser = OneLineParser(
+        prog="eval_metrics.py",
         description=__doc__.split("\n")[0],
         epilog="Each subcommand has its own help: eval_metrics.py fid --help, and so on.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

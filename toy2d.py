@@ -36,7 +36,6 @@ Glossary (paper symbol -> Config field -> default):
     T (iterations of the run) -> --iters -> 30000
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -45,21 +44,16 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from eval_metrics import format_seconds, hist_kl_jsd
+from eval_metrics import OneLineParser, atomic_write, format_seconds, hist_kl_jsd, option
 
 # --------------------------------------------------------------------------------------------------
 # Config
-
-
-def option(default, help):
-    """A Config field with its one-line doc, which argparse shows in --help."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -448,7 +442,7 @@ def as_intro_decoder_loss(
 # (R,) of its two updates (non-finite values mark a diverged run).
 
 
-def adam_step(params, loss, *optimizers, retain_graph=False):
+def optimizer_step(params, loss, *optimizers, retain_graph=False):
     """Gradient of the summed per-run losses w.r.t. params only (any other network stays frozen),
     left in .grad, then a step of each optimizer. Runs have disjoint weights, so the sum's gradient
     is each run's own gradient; Adam is elementwise."""
@@ -459,28 +453,30 @@ def adam_step(params, loss, *optimizers, retain_graph=False):
         optimizer.step()
 
 
-def step_vae(enc, dec, opt_enc, opt_dec, x, noise, *, beta_rec, beta_kl):
+def step_vae(encoder, decoder, opt_encoder, opt_decoder, x, noise, *, beta_rec, beta_kl):
     """Plain VAE step (also the warm-up of every method): both networks, one joint loss, no s."""
-    mu, logvar = encode(enc, x)
-    rec = mlp(dec, reparameterize(mu, logvar, noise[0]))
+    mu, logvar = encode(encoder, x)
+    rec = mlp(decoder, reparameterize(mu, logvar, noise[0]))
     loss = vae_loss(sse(x, rec), kl_divergence(mu, logvar), beta_rec=beta_rec, beta_kl=beta_kl)
-    adam_step(enc + dec, loss, opt_enc, opt_dec)
+    optimizer_step(encoder + decoder, loss, opt_encoder, opt_decoder)
     return loss.detach(), loss.detach()
 
 
-def step_introvae(enc, dec, opt_enc, opt_dec, x, noise, *, margin, beta_rec, beta_kl, beta_neg):
+def step_introvae(
+    encoder, decoder, opt_encoder, opt_decoder, x, noise, *, margin, beta_rec, beta_kl, beta_neg
+):
     """IntroVAE (Huang et al.): encoder step with the margin hinges, then the decoder step through
     the updated encoder, on the same z and prior noise."""
     eps_z, eps_p = noise[0], noise[1]
     # ALGO LOGIC: encoder step (decoder frozen)
-    mu, logvar = encode(enc, x)
+    mu, logvar = encode(encoder, x)
     z = reparameterize(mu, logvar, eps_z)
     # The decoder is unchanged until its own step, so rec and fake (and their graphs) serve both
     # steps: the decoder step's gradient reaches only the decoder's weights, as with z.detach().
-    rec = mlp(dec, z)
-    fake = mlp(dec, eps_p)
-    mu_r, logvar_r = encode(enc, rec.detach())
-    mu_f, logvar_f = encode(enc, fake.detach())
+    rec = mlp(decoder, z)
+    fake = mlp(decoder, eps_p)
+    mu_r, logvar_r = encode(encoder, rec.detach())
+    mu_f, logvar_f = encode(encoder, fake.detach())
     rec_err = sse(x, rec)
     loss_e = intro_encoder_loss(
         rec_err,
@@ -492,10 +488,10 @@ def step_introvae(enc, dec, opt_enc, opt_dec, x, noise, *, margin, beta_rec, bet
         beta_kl=beta_kl,
         beta_neg=beta_neg,
     )
-    adam_step(enc, loss_e, opt_enc, retain_graph=True)
+    optimizer_step(encoder, loss_e, opt_encoder, retain_graph=True)
     # ALGO LOGIC: decoder step (encoder frozen, as just updated)
-    mu_r, logvar_r = encode(enc, rec)
-    mu_f, logvar_f = encode(enc, fake)
+    mu_r, logvar_r = encode(encoder, rec)
+    mu_f, logvar_f = encode(encoder, fake)
     loss_d = intro_decoder_loss(
         rec_err,
         kl_divergence(mu_r, logvar_r),
@@ -503,30 +499,36 @@ def step_introvae(enc, dec, opt_enc, opt_dec, x, noise, *, margin, beta_rec, bet
         beta_rec=beta_rec,
         beta_kl=beta_kl,
     )
-    adam_step(dec, loss_d, opt_dec)
+    optimizer_step(decoder, loss_d, opt_decoder)
     return loss_e.detach(), loss_d.detach()
 
 
 def step_introspective(
-    enc, dec, opt_enc, opt_dec, x, noise, *, c, s, beta_rec, beta_kl, beta_neg, gamma_r, variant
+    encoder, decoder, opt_encoder, opt_decoder, x, noise, *, c, s, beta_rec, beta_kl, beta_neg,
+    gamma_r, as_variant
 ):
-    """Soft-IntroVAE (c = 1, variant None) or AS-IntroVAE (c from annealing_coefficient, variant
-    "paper" | "official"): the encoder step of Eq. 9, then the decoder step."""
+    """AS-IntroVAE (c from annealing_coefficient, as_variant "paper" | "official") or
+    Soft-IntroVAE (as_variant "none": no AS-Distance, c = 1): the encoder step of Eq. 9, then the
+    decoder step. The image steps of as_introvae.py compute the same; they run the decoder's
+    forwards again in the decoder step instead of keeping the encoder step's graph
+    (retain_graph), which for images costs more memory than the forwards cost time."""
+    if as_variant == "none" and not (c == 1.0 and not torch.is_tensor(c)):
+        raise ValueError(f"Soft-IntroVAE is Eq. 9 at c = 1, got c = {c}")
     eps_z, eps_p, eps_r, eps_f, eps_rr, eps_ff = noise
     # c is a float, or (CUDA graphs) a 0-dim tensor refilled every replay while c < 1.
-    use_as = variant is not None and (torch.is_tensor(c) or c < 1.0)
-    official = variant == "official"
+    use_as = as_variant != "none" and (torch.is_tensor(c) or c < 1.0)
+    official = as_variant == "official"
     # ALGO LOGIC: encoder step (decoder frozen)
-    mu, logvar = encode(enc, x)
+    mu, logvar = encode(encoder, x)
     z = reparameterize(mu, logvar, eps_z)
     # The decoder is unchanged until its own step, so rec and fake (and their graphs) serve both
     # steps: the decoder step's gradient reaches only the decoder's weights, as with z.detach().
-    rec = mlp(dec, z)
-    fake = mlp(dec, eps_p)
-    mu_r, logvar_r = encode(enc, rec.detach())
-    rr = mlp(dec, reparameterize(mu_r, logvar_r, eps_r))
-    mu_f, logvar_f = encode(enc, fake.detach())
-    rf = mlp(dec, reparameterize(mu_f, logvar_f, eps_f))
+    rec = mlp(decoder, z)
+    fake = mlp(decoder, eps_p)
+    mu_r, logvar_r = encode(encoder, rec.detach())
+    rr = mlp(decoder, reparameterize(mu_r, logvar_r, eps_r))
+    mu_f, logvar_f = encode(encoder, fake.detach())
+    rf = mlp(decoder, reparameterize(mu_f, logvar_f, eps_f))
     as_enc = 0.0
     if use_as and official:
         # OFFICIAL: tanh on mu, logvar of E(rec), E(fake) before the AS-Distance (not the KLs here).
@@ -550,12 +552,12 @@ def step_introspective(
         beta_kl=beta_kl,
         beta_neg=beta_neg,
     )
-    adam_step(enc, loss_e, opt_enc, retain_graph=True)
+    optimizer_step(encoder, loss_e, opt_encoder, retain_graph=True)
     # ALGO LOGIC: decoder step (encoder frozen, as just updated)
-    mu_r, logvar_r = encode(enc, rec)
-    rr = mlp(dec, reparameterize(mu_r, logvar_r, eps_rr).detach())
-    mu_f, logvar_f = encode(enc, fake)
-    rf = mlp(dec, reparameterize(mu_f, logvar_f, eps_ff).detach())
+    mu_r, logvar_r = encode(encoder, rec)
+    rr = mlp(decoder, reparameterize(mu_r, logvar_r, eps_rr).detach())
+    mu_f, logvar_f = encode(encoder, fake)
+    rf = mlp(decoder, reparameterize(mu_f, logvar_f, eps_ff).detach())
     if official:
         # OFFICIAL: tanh on mu, logvar of E(rec), E(fake) before the decoder's KLs and AS-Distance.
         mu_r, logvar_r, mu_f, logvar_f = (torch.tanh(v) for v in (mu_r, logvar_r, mu_f, logvar_f))
@@ -577,7 +579,7 @@ def step_introspective(
         gamma_r=gamma_r,
         variant="official" if official else "paper",
     )
-    adam_step(dec, loss_d, opt_dec)
+    optimizer_step(decoder, loss_d, opt_decoder)
     return loss_e.detach(), loss_d.detach()
 
 
@@ -671,7 +673,7 @@ class Group:
                 c=1.0 if self.method == "sintrovae" else c,
                 s=self.s,
                 gamma_r=self.gamma_r,
-                variant=None if self.method == "sintrovae" else variant,
+                as_variant="none" if self.method == "sintrovae" else variant,
                 **b,
             )
         bad = ~(torch.isfinite(losses[0]) & torch.isfinite(losses[1]))
@@ -773,16 +775,6 @@ def default_out_dir(cfg):
     return os.path.join("runs", f"toy2d_{cfg.dataset}_{cfg.combo}_s{seeds}_{cfg.iters}_{digest}")
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, fsync, then rename over path (a kill leaves the old file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path, groups, cfg, iteration, train_seconds):
     state = {
         "config": checkpoint_config(cfg),
@@ -790,7 +782,7 @@ def save_checkpoint(path, groups, cfg, iteration, train_seconds):
         "train_seconds": train_seconds,
         "groups": [g.state() for g in groups],
     }
-    atomic_save(state, path)
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def phases(cfg):
@@ -1370,8 +1362,8 @@ def write_coverage(records, out_dir, per_row=4):
     rows = [panels[i : i + per_row] for i in range(0, len(panels), per_row)]
     rows[-1] += [None] * (per_row - len(rows[-1]))
     header = (
-        f"coverage: modes (blue, left axis) and KL in the paper's convention (red, right axis, 0 to "
-        f"{kl_top:.0f} in every panel) against iteration; grey: warm-up, yellow: AS active"
+        f"coverage: modes (blue, left axis) and KL in the paper's convention (red, right axis, 0 "
+        f"to {kl_top:.0f} in every panel) against iteration; grey: warm-up, yellow: AS active"
     )
     draw_overview(rows, header).save(os.path.join(out_dir, "coverage.png"))
 
@@ -1467,14 +1459,9 @@ def format_seed_table(records):
 # main
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"toy2d.py: error: {message}\n")
-        sys.exit(2)
-
-
 def parse_config(argv):
     parser = OneLineParser(
+        prog="toy2d.py",
         description="AS-IntroVAE paper's 2D experiments (see the module docstring).",
         allow_abbrev=False,
     )
@@ -1539,8 +1526,8 @@ def collect(folders, out_dir):
     table = format_seed_table(records)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "table.md"), "w") as fh:
-            fh.write(table + "\n")
+        atomic_write(os.path.join(out_dir, "table.md"), lambda handle: handle.write(table + "\n"),
+                     binary=False)
         write_overviews(records, out_dir, sources)
         write_coverage(records, out_dir)
     return table
@@ -1639,14 +1626,12 @@ def main(argv=None):
     records = evaluate(groups, cfg, out_dir, train_seconds, failures)
     write_overviews(records, out_dir)
     write_coverage(records, out_dir)
-    with open(os.path.join(out_dir, "results.json.tmp"), "w") as fh:
-        json.dump(records, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(os.path.join(out_dir, "results.json.tmp"), os.path.join(out_dir, "results.json"))
+    atomic_write(os.path.join(out_dir, "results.json"),
+                 lambda handle: json.dump(records, handle, indent=1), binary=False)
     table = format_seed_table(records)
-    with open(os.path.join(out_dir, "table.md"), "w") as fh:
-        fh.write(table + "\n")
+    # table.md last: its presence says the run is done (a retyped command then just prints it)
+    atomic_write(os.path.join(out_dir, "table.md"), lambda handle: handle.write(table + "\n"),
+                 binary=False)
     print(format_table(records))
     print(table)
     print(f"results in {out_dir} (trained {train_seconds:.0f} s for all {len(runs)} runs together)")

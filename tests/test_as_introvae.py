@@ -365,7 +365,7 @@ def test_presets_and_overrides():
     assert cfg.channels == (64, 128, 256, 512)
 
 
-def test_flags_are_checked():
+def test_flags_are_checked(capsys):
     parser = asv.build_parser()
     assert vars(parser.parse_args(["--channels", "8,16", "--hflip", "yes", "--lr", "1e-3"])) == {
         "channels": (8, 16),
@@ -381,8 +381,11 @@ def test_flags_are_checked():
         ["--no-such-flag", "1"],
         ["--bat", "8"],
     ):
-        with pytest.raises(asv.ConfigError):
+        with pytest.raises(SystemExit) as stop:
             parser.parse_args(bad)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("as_introvae.py: error: "), bad
+        assert err.count("\n") == 1 and err.endswith("(see as_introvae.py --help)\n"), err
     with pytest.raises(asv.ConfigError, match="not divisible"):
         asv.make_config({"dataset": "cifar10", "channels": (8, 16, 32, 64, 128, 256)})
     with pytest.raises(asv.ConfigError, match="batch-size"):
@@ -420,9 +423,10 @@ def encoder_step(nets, opts, x, eps, cfg, c, s):
     betas = dict(beta_rec=cfg.beta_rec, beta_kl=cfg.beta_kl, beta_neg=cfg.beta_neg, amp=no_amp)
     if cfg.model == "introvae":
         return asv.intro_encoder_step(*args, margin=cfg.margin, **betas)
-    variant = cfg.variant if cfg.model == "asintrovae" else None
-    return asv.soft_intro_encoder_step(
-        *args, c=c if variant else 1.0, s=s, variant=variant, **betas
+    as_intro = cfg.model == "asintrovae"
+    return asv.as_intro_encoder_step(
+        *args, c=c if as_intro else 1.0, s=s, as_variant=cfg.variant if as_intro else "none",
+        **betas,
     )
 
 
@@ -431,9 +435,10 @@ def decoder_step(nets, opts, x, z, eps, cfg, c, s):
     betas = dict(beta_rec=cfg.beta_rec, beta_kl=cfg.beta_kl, amp=no_amp)
     if cfg.model == "introvae":
         return asv.intro_decoder_step(*args, **betas)
-    variant = cfg.variant if cfg.model == "asintrovae" else None
-    return asv.soft_intro_decoder_step(
-        *args, c=c if variant else 1.0, s=s, gamma_r=cfg.gamma_r, variant=variant, **betas
+    as_intro = cfg.model == "asintrovae"
+    return asv.as_intro_decoder_step(
+        *args, c=c if as_intro else 1.0, s=s, gamma_r=cfg.gamma_r,
+        as_variant=cfg.variant if as_intro else "none", **betas,
     )
 
 

@@ -192,8 +192,8 @@ def encoder_step(model, variant, nets, opts, x, eps, cfg, c, s):
     betas = dict(beta_rec=cfg.beta_rec, beta_kl=cfg.beta_kl, beta_neg=cfg.beta_neg, amp=no_amp)
     if model == "introvae":
         return asv.intro_encoder_step(*args, margin=cfg.margin, **betas)
-    variant, c = (variant, c) if model == "asintrovae" else (None, 1.0)  # Soft-IntroVAE: c = 1
-    return asv.soft_intro_encoder_step(*args, c=c, s=s, variant=variant, **betas)
+    variant, c = (variant, c) if model == "asintrovae" else ("none", 1.0)  # Soft-IntroVAE: c = 1
+    return asv.as_intro_encoder_step(*args, c=c, s=s, as_variant=variant, **betas)
 
 
 def decoder_step(model, variant, nets, opts, x, z, eps, cfg, c, s):
@@ -201,9 +201,9 @@ def decoder_step(model, variant, nets, opts, x, z, eps, cfg, c, s):
     betas = dict(beta_rec=cfg.beta_rec, beta_kl=cfg.beta_kl, amp=no_amp)
     if model == "introvae":
         return asv.intro_decoder_step(*args, **betas)
-    variant, c = (variant, c) if model == "asintrovae" else (None, 1.0)
-    return asv.soft_intro_decoder_step(
-        *args, c=c, s=s, gamma_r=cfg.gamma_r, variant=variant, **betas
+    variant, c = (variant, c) if model == "asintrovae" else ("none", 1.0)
+    return asv.as_intro_decoder_step(
+        *args, c=c, s=s, gamma_r=cfg.gamma_r, as_variant=variant, **betas
     )
 
 
@@ -293,7 +293,7 @@ def test_sintrovae_is_asintrovae_at_c_1_whatever_the_schedule_says():
     assert losses["asintrovae", 1.0] == pytest.approx(losses["sintrovae", 0.2], rel=1e-6)
     cfg, nets, opts, x, eps = tiny("sintrovae")
     with pytest.raises(ValueError, match="c = 1"):
-        asv.soft_intro_encoder_step(
+        asv.as_intro_encoder_step(
             nets["encoder"],
             nets["decoder"],
             opts["encoder"],
@@ -304,7 +304,7 @@ def test_sintrovae_is_asintrovae_at_c_1_whatever_the_schedule_says():
             beta_rec=1.0,
             beta_kl=1.0,
             beta_neg=1.0,
-            variant=None,
+            as_variant="none",
             amp=no_amp,
         )
 
@@ -415,7 +415,7 @@ def test_adversarial_step_loss_and_gradients_match_the_equations(model):
 def spy_on_steps(monkeypatch):
     """Record (step name, c, s) of every step train() takes (None: the step takes no c or s)."""
     calls = []
-    for name in ("vae_step", "soft_intro_step"):
+    for name in ("vae_step", "as_intro_step"):
         step = getattr(asv, name)
 
         def spy(*args, _step=step, _name=name, **kwargs):
@@ -464,7 +464,7 @@ def test_train_hands_s_c_and_the_warm_up_to_the_steps(tmp_path, monkeypatch, var
     assert json.loads((out / "config.json").read_text())["derived"]["s"] == s
     total = 3 * 3  # T: 3 iterations per epoch (the last one of 4 images) times 3 epochs
     names = [name for name, _, _ in calls]
-    assert names == ["vae_step"] * 3 + ["soft_intro_step"] * 6  # num_vae = 1 epoch of warm-up
+    assert names == ["vae_step"] * 3 + ["as_intro_step"] * 6  # num_vae = 1 epoch of warm-up
     assert all(c is None and step_s is None for _, c, step_s in calls[:3])  # Eq. 1, no s
     for t, (_, c, step_s) in enumerate(calls[3:], start=3):
         assert step_s == s and c == asv.annealing_coefficient(t, total, schedule)

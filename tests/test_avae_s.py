@@ -622,8 +622,9 @@ def test_avae_presets_and_flags():
         ["--adv-loss", "wgan"],
         ["--model", "avae_s"],
     ):
-        with pytest.raises(asv.ConfigError):
+        with pytest.raises(SystemExit) as stop:  # one line on stderr, exit code 2
             asv.build_parser().parse_args(bad)
+        assert stop.value.code == 2, bad
 
 
 @pytest.mark.parametrize(
