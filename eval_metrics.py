@@ -15,7 +15,6 @@ valid region). Folders are read recursively (list_images), as as_introvae.py rea
     python eval_metrics.py stats real_dir real_stats.npz         # pytorch-fid's .npz (mu, sigma)
     python eval_metrics.py recon real_dir rec_dir                # PSNR / SSIM / MSE of pairs
     python eval_metrics.py sharpness sample_dir                  # Laplacian variance (AVAE-S)
-    python eval_metrics.py bench                                 # speed next to pytorch-fid's
 
 Import:  from eval_metrics import psnr, ssim, frechet_distance, load_inception, stats_from_generator
 """
@@ -28,7 +27,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -87,14 +85,6 @@ class MetricsConfig:
         False, "sharpness on OpenCV's rounded uint8 grey instead of float grey"
     )
     progress: bool = option(True, "one-line progress with rate and ETA on stderr")
-    bench_images: int = option(50, "bench: images pushed through each Inception")
-    bench_size: int = option(32, "bench: side of the random test images (resized to 299 inside)")
-    bench_rounds: int = option(
-        3, "bench: timed rounds per extractor, alternating; the best is reported"
-    )
-    bench_frechet: bool = option(
-        True, "bench: also time the 2048-d Frechet distance (tens of s on 2 cores)"
-    )
 
 
 CHOICES = {
@@ -1171,115 +1161,6 @@ def run_sharpness(cfg, folder):
     return values
 
 
-def run_bench(cfg):
-    """`bench`: feature throughput (images/s, model forward only, tensors in) and Frechet time at
-    2048-d, ours next to pytorch-fid's on the same random images and the same weights file (random
-    weights when no FID weights file is available: speed does not depend on the values). Rounds
-    alternate between the two; the best round of each is reported (other load on the machine only
-    ever slows a round). Returns {"features": {name: images/s}, "frechet": {name: seconds}}."""
-    try:
-        from pytorch_fid.fid_score import calculate_frechet_distance
-        from pytorch_fid.inception import InceptionV3
-    except ImportError:
-        InceptionV3 = calculate_frechet_distance = None
-        print("pytorch-fid is not installed (pip install pytorch-fid==0.3.0): no reference timing")
-    torch.manual_seed(0)
-    images = torch.rand(cfg.bench_images, 3, cfg.bench_size, cfg.bench_size)  # (N, 3, S, S)
-    print(
-        f"device {cfg.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{cfg.bench_images} images of {cfg.bench_size}x{cfg.bench_size}, batch {cfg.batch_size}, "
-        f"best of {cfg.bench_rounds} rounds"
-    )
-    with tempfile.TemporaryDirectory() as torch_home:
-        weights = cfg.weights or default_weights_path()
-        if not os.path.isfile(weights):
-            print("no FID weights file: timing random weights")
-            weights = os.path.join(torch_home, "hub", "checkpoints", FID_WEIGHTS_FILE)
-            os.makedirs(os.path.dirname(weights))
-            torch.save(InceptionV3FID().state_dict(), weights)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MetricWarning)
-            model = load_inception(weights, cfg.device)
-        extractors = {
-            "eval_metrics": lambda batch: inception_features(
-                batch, model, cfg.batch_size, cfg.device
-            )
-        }
-        if InceptionV3 is not None:
-            extractors["pytorch-fid"] = _pytorch_fid_extractor(
-                InceptionV3, weights, torch_home, cfg
-            )
-        best, features = {name: math.inf for name in extractors}, {}
-        for name, extract in extractors.items():
-            # warm-up: oneDNN / cuDNN pick kernels for this batch shape
-            extract(images[: cfg.batch_size])
-        for _ in range(cfg.bench_rounds):
-            for name, extract in extractors.items():
-                start = time.perf_counter()
-                # ends with a copy to the host: the device has finished
-                features[name] = extract(images)
-                best[name] = min(best[name], time.perf_counter() - start)
-        result = {
-            "features": {name: cfg.bench_images / best[name] for name in extractors},
-            "frechet": {},
-        }
-        for name in extractors:
-            print(f"features  {name:12s}: {result['features'][name]:8.2f} images/s")
-        if "pytorch-fid" in features:
-            difference = np.abs(features["eval_metrics"] - features["pytorch-fid"]).max()
-            print(f"features  max |eval_metrics - pytorch-fid| = {difference:.3g}")
-    if not cfg.bench_frechet:
-        return result
-    rng = np.random.default_rng(0)
-    mixing = rng.standard_normal((2048, 2048)) / 45.0
-    feats_a = np.abs(rng.standard_normal((4096, 2048))) @ mixing  # pool3-like, full rank
-    feats_b = 1.1 * np.abs(rng.standard_normal((4096, 2048))) @ mixing + 0.05
-    (mu_a, sigma_a), (mu_b, sigma_b) = feature_stats(feats_a), feature_stats(feats_b)
-    for method in ("symmetric", "eigvals"):
-        start = time.perf_counter()
-        fid = frechet_distance(mu_a, sigma_a, mu_b, sigma_b, method=method)
-        seconds = result["frechet"][f"eval_metrics {method}"] = time.perf_counter() - start
-        print(f"Frechet 2048-d  eval_metrics {method:9s}: {seconds:7.2f} s  (FID {fid:.10f})")
-    if calculate_frechet_distance is not None:
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            fid = calculate_frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
-        seconds = result["frechet"]["pytorch-fid"] = time.perf_counter() - start
-        print(f"Frechet 2048-d  pytorch-fid (scipy sqrtm): {seconds:7.2f} s  (FID {fid:.10f})")
-    return result
-
-
-def _pytorch_fid_extractor(InceptionV3, weights, torch_home, cfg):
-    """pytorch-fid's InceptionV3([3]) on the same weights file, as images -> (N, 2048) features.
-    It reads weights only from torch hub's cache, hence the TORCH_HOME swap."""
-    cache = os.path.join(torch_home, "hub", "checkpoints", FID_WEIGHTS_FILE)
-    if os.path.abspath(weights) != os.path.abspath(cache):
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        os.symlink(os.path.abspath(weights), cache)
-    previous = os.environ.get("TORCH_HOME")
-    os.environ["TORCH_HOME"] = torch_home
-    try:
-        reference = InceptionV3([3]).to(cfg.device).eval()
-    finally:
-        if previous is None:
-            del os.environ["TORCH_HOME"]
-        else:
-            os.environ["TORCH_HOME"] = previous
-
-    def extract(images):
-        features = np.empty((images.shape[0], 2048))
-        with torch.no_grad():
-            for first in range(0, images.shape[0], cfg.batch_size):
-                batch = images[first : first + cfg.batch_size].to(cfg.device)
-                features[first : first + batch.shape[0]] = (
-                    reference(batch)[0].flatten(1).cpu().numpy()
-                )
-        return features
-
-    return extract
-
-
 POSITIONAL_HELP = {
     "A": "the first image set: a folder of images (read recursively) or a .npz with mu, sigma",
     "B": "the second image set, the same kinds",
@@ -1310,19 +1191,6 @@ SUBCOMMANDS = {
         "Laplacian-variance sharpness of a folder",
         ("DIR",),
         ("opencv_exact", "progress"),
-    ),
-    "bench": (
-        "feature throughput and Frechet time, next to pytorch-fid's",
-        (),
-        (
-            "weights",
-            "device",
-            "batch_size",
-            "bench_images",
-            "bench_size",
-            "bench_rounds",
-            "bench_frechet",
-        ),
     ),
 }
 
@@ -1403,8 +1271,8 @@ def main(argv=None):
 def _run_command(args, cfg):
     """Dispatch one subcommand; MetricInputError -> one line on stderr, exit code 2."""
     try:
-        if min(cfg.batch_size, cfg.bench_images, cfg.bench_size, cfg.bench_rounds) < 1:
-            raise MetricInputError("--batch-size and the --bench-* values must be positive")
+        if cfg.batch_size < 1:
+            raise MetricInputError("--batch-size must be positive")
         try:
             torch.device(cfg.device)
         except RuntimeError:
@@ -1415,10 +1283,8 @@ def _run_command(args, cfg):
             run_stats(cfg, args.DIR, args.OUT)
         elif args.command == "recon":
             run_recon(cfg, args.REAL_DIR, args.REC_DIR)
-        elif args.command == "sharpness":
-            run_sharpness(cfg, args.DIR)
         else:
-            run_bench(cfg)
+            run_sharpness(cfg, args.DIR)
     except MetricInputError as error:
         print(f"eval_metrics.py: error: {error}", file=sys.stderr)
         return 2

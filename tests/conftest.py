@@ -19,7 +19,7 @@ if ROOT not in sys.path:
 DEVICE_VARIABLE = "ASVAE_TEST_DEVICE"
 
 
-def test_device():
+def chosen_device():
     """torch.device named by $ASVAE_TEST_DEVICE (default cpu); pytest.UsageError if unusable."""
     name = os.environ.get(DEVICE_VARIABLE, "").strip() or "cpu"
     try:
@@ -41,15 +41,13 @@ def test_device():
     return device
 
 
-test_device.__test__ = False  # a helper, not a test
-
 
 def pytest_configure(config):
-    test_device()  # a bad device stops the run before collection
+    chosen_device()  # a bad device stops the run before collection
 
 
 def pytest_report_header(config):
-    device = test_device()
+    device = chosen_device()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return f"device-dependent tests ({DEVICE_VARIABLE}): {device} ({where})"
 
@@ -57,7 +55,7 @@ def pytest_report_header(config):
 @pytest.fixture(scope="session")
 def device():
     """The torch.device of the device-dependent tests: $ASVAE_TEST_DEVICE, default cpu."""
-    return test_device()
+    return chosen_device()
 
 
 @pytest.fixture(scope="module")

@@ -552,24 +552,6 @@ def test_image_folder_reads_what_eval_metrics_reads(tmp_path):
         asv.ImageFolder(str(tmp_path / "empty"), 16)
 
 
-def test_compile_keeps_the_modules_and_their_checkpoint_keys():
-    """--compile true compiles in place (nn.Module.compile): the same classes and state_dict keys,
-    so its checkpoints load without it and the other way round (it is a run flag). No forward
-    runs here: compiling takes minutes on a CPU."""
-    cfg = asv.Config(channels=(4, 8), image_size=8, z_dim=3, compile=True)
-    torch.manual_seed(0)
-    compiled, _ = asv.make_state(cfg, 3, torch.device("cpu"))
-    torch.manual_seed(0)
-    plain, _ = asv.make_state(
-        asv.Config(channels=(4, 8), image_size=8, z_dim=3), 3, torch.device("cpu")
-    )
-    for name, net in compiled.items():
-        assert type(net) is type(plain[name])
-        assert net.state_dict().keys() == plain[name].state_dict().keys()
-        plain[name].load_state_dict(net.state_dict())
-    assert "compile" in asv.RUN_FLAGS
-
-
 # --------------------------------------------------------------------------------------------------
 # MNIST's IDX files read directly (no extraction), and the offline message when they are missing
 # --------------------------------------------------------------------------------------------------

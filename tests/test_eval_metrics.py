@@ -568,13 +568,18 @@ def test_list_images_recursive_sorted_any_case(tmp_path):
         em.list_images(os.path.join(root, "empty"))
 
 
-def test_training_and_metrics_read_the_same_files(tmp_path):
-    """as_introvae.py's --dataset folder and eval_metrics.py's commands see one list of images."""
+def test_training_reads_these_files_of_a_folder(tmp_path):
+    """as_introvae.py's --dataset folder reads exactly the images written out below: nested and
+    hidden ones, any case of the suffix; not other files, nor a folder named like an image."""
     import as_introvae as asv  # a broken as_introvae.py must fail here, not skip
 
-    root = image_tree(tmp_path / "tree", TREE_SORTED)
-    open(os.path.join(root, "sub", "labels.csv"), "w").close()
-    assert [str(p) for p in asv.ImageFolder(root, 16).files] == em.list_images(root)
+    root = image_tree(tmp_path / "tree", ["b.png", "a/z.png", "a-b/e.bmp", ".hidden/h.png",
+                                          ".dot.PNG"])
+    for other in ("a/labels.csv", "notes.txt", "a/z.png.txt"):
+        open(os.path.join(root, other), "w").close()
+    os.makedirs(os.path.join(root, "folder.png"))
+    expected = [".dot.PNG", ".hidden/h.png", "a/z.png", "a-b/e.bmp", "b.png"]
+    assert [os.path.relpath(p, root) for p in asv.ImageFolder(root, 16).files] == expected
 
 
 def test_recon_pairs_nested_folders_by_relative_path(tmp_path, capsys):
@@ -660,11 +665,19 @@ def test_cli_process_exit_code_and_help(capsys):
         and result.stdout == ""
         and result.stderr == "eval_metrics.py: error: no such folder: /no/such/dir\n"
     )
-    for command in ("fid", "stats", "recon", "sharpness", "bench"):
+    for command in ("fid", "stats", "recon", "sharpness"):
         with pytest.raises(SystemExit) as exit_info:
             em.main([command, "--help"])
         assert exit_info.value.code == 0
-        assert capsys.readouterr()[0].startswith("usage: ")
+        assert capsys.readouterr()[0].startswith(f"usage: eval_metrics.py {command} ")
+    with pytest.raises(SystemExit):
+        em.main(["--help"])
+    assert "Each subcommand has its own help: eval_metrics.py fid --help" in capsys.readouterr()[0]
+    with pytest.raises(SystemExit):
+        em.main(["fid", "--help"])
+    text = " ".join(capsys.readouterr()[0].split())
+    assert "A the first image set: a folder of images (read recursively) or a .npz" in text
+    assert "B the second image set" in text
 
 
 def test_boolean_options_take_a_value(tmp_path, capsys):

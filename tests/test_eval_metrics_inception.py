@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import bench_fid
 import eval_metrics as em
 
 
@@ -295,9 +296,9 @@ def test_bench_feature_throughput(weights_file, device, capsys, monkeypatch, pyt
             monkeypatch.setitem(sys.modules, name, None)  # every import of it now fails
     else:
         pytest.importorskip("pytorch_fid.inception")
-    argv = ["bench", "--weights", weights_file, "--device", str(device), "--bench-images", "4"]
+    argv = ["--weights", weights_file, "--device", str(device), "--bench-images", "4"]
     argv += ["--batch-size", "2", "--bench-rounds", "1", "--bench-frechet", "false"]
-    assert em.main(argv) == 0
+    assert bench_fid.main(argv) == 0
     out = capsys.readouterr()[0]
     assert out.count("pytorch-fid is not installed") == (pytorch_fid == "missing")
     assert f"device {device}, torch " in out and "4 images of 32x32, batch 2, best of 1" in out
