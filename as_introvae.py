@@ -1,6 +1,7 @@
 """AS-IntroVAE (Lu et al., ACML 2022) and its baselines VAE, IntroVAE and Soft-IntroVAE on images,
-plus the sharpened VAEs of the AVAE-S paper (VAE-S, AVAE, AVAE-S): models, losses, the annealing
-schedule and the training loop, in one file.
+plus the sharpened VAEs of the AVAE-S paper (VAE-S, AVAE, AVAE-S) and WGAN-GP: models, losses, the
+annealing schedule and the training loop, in one file. The paper's algorithm reads top to bottom
+up to train(); the other papers' models and the plumbing follow as appendices.
 
     python as_introvae.py --dataset cifar10 --data-root data     # AS-IntroVAE, the paper's settings
     python as_introvae.py --dataset cifar10 --data-root data --model sintrovae  # or introvae, vae
@@ -10,9 +11,11 @@ schedule and the training loop, in one file.
                           --pretrain-epochs 100 --adv-epochs 50                # vae-s, avae, avae-s
     python as_introvae.py --dataset folder --data-root my_images --image-size 128  # image folder
     python as_introvae.py --dataset celeba96 --data-root img_align_celeba --model avae-s  # 96px
+    python as_introvae.py --dataset cifar10 --data-root data --model wgan-gp  # Table 2's GAN
     python as_introvae.py --dataset npz --data-root train.npz --test-root test.npz  # uint8 arrays
     python as_introvae.py --eval runs/cifar10_asintrovae_s0/checkpoint.pt  # PSNR, SSIM, FID, grids
-    python as_introvae.py --dataset cifar10 --bench 20            # ms/iteration, img/s, peak memory
+    python as_introvae.py --dataset cifar10 --bench 20 --bf16 both  # ms/iteration, img/s, memory
+    python as_introvae.py --table runs/a,runs/b --out runs/ab     # finished runs side by side
     torchrun --standalone --nproc_per_node=4 as_introvae.py --dataset cifar10 --data-root data
                                                  # one process per GPU; the same flags, same batch
 
@@ -110,7 +113,8 @@ class Config:
     )
     model: str = option(
         "asintrovae",
-        "asintrovae | sintrovae | introvae | vae | vae-s | avae | avae-s (AVAE-S paper)",
+        "asintrovae | sintrovae | introvae | vae | vae-s | avae | avae-s (AVAE-S paper) | wgan-gp "
+        "(Table 2's GAN: the decoder as generator)",
     )
     variant: str = option(
         "paper", "AS-IntroVAE losses: paper (Eq. 7-9 as written) | official (the released code)"
@@ -131,7 +135,9 @@ class Config:
     epochs: int = option(
         150, "epochs; T = iterations per epoch * epochs sets the annealing (Eq. 9)"
     )
-    lr: float = option(2e-4, "Adam learning rate of both networks, betas (0.9, 0.999)")
+    lr: float = option(2e-4, "Adam learning rate of every network (wgan-gp: 1e-4)")
+    adam_beta1: float = option(0.9, "Adam's beta1 (wgan-gp: 0, Gulrajani et al.'s Algorithm 1)")
+    adam_beta2: float = option(0.999, "Adam's beta2 (wgan-gp: 0.9)")
     beta_rec: float = option(1.0, "weight of the reconstruction error")
     beta_kl: float = option(
         1.0, "weight of the real data's KL (and of the decoder's adversarial KL)"
@@ -164,6 +170,10 @@ class Config:
     )
     beta_adv: float = option(
         1.0, "avae / avae-s: weight of the VAE's adversarial term (AVAE-S Eq. 11: 1)"
+    )
+    lambda_gp: float = option(10.0, "wgan-gp: weight of the gradient penalty (Algorithm 1: 10)")
+    n_critic: int = option(
+        5, "wgan-gp: critic steps per generator step; an iteration is one critic step on a batch"
     )
     disc_train_below: float = option(
         0.7, "AVAE-S Algorithm 1: the discriminator steps while its batch accuracy < this"
@@ -249,7 +259,7 @@ class Config:
 CHOICES = {
     "dataset": ("mnist", "fmnist", "cifar10", "svhn", "celeba96", "celeba128", "celeba256",
                 "oxford", "folder", "npz"),
-    "model": ("asintrovae", "sintrovae", "introvae", "vae", "vae-s", "avae", "avae-s"),
+    "model": ("asintrovae", "sintrovae", "introvae", "vae", "vae-s", "avae", "avae-s", "wgan-gp"),
     "variant": ("paper", "official"),
     "arch": ("resnet", "avae"),
     "tc_estimator": ("mss", "mws"),
@@ -307,7 +317,9 @@ SIZE_PRESET = {28: "mnist", 32: "cifar10", 128: "celeba128", 256: "celeba256"}  
 
 
 # IntroVAE's weights as the AS-IntroVAE paper ran it:
-MODEL_PRESETS = {"introvae": dict(beta_rec=0.05, beta_kl=1.0, beta_neg=0.5)}
+MODEL_PRESETS = {"introvae": dict(beta_rec=0.05, beta_kl=1.0, beta_neg=0.5),
+                 # Gulrajani et al.'s Algorithm 1 defaults (alpha, beta1, beta2):
+                 "wgan-gp": dict(lr=1e-4, adam_beta1=0.0, adam_beta2=0.9)}
 
 
 TORCHVISION_SETS = ("mnist", "fmnist", "cifar10", "svhn")
@@ -369,7 +381,7 @@ def make_config(given):
 
 def validate(cfg):
     positive = ("image_size", "z_dim", "batch_size", "epochs", "log_every", "img_every",
-                "ckpt_every", "recon_images")
+                "ckpt_every", "recon_images", "n_critic")
     non_negative = ("max_iters", "num_vae", "seed", "num_workers", "eval_images", "fid_samples",
                     "recon_every",
                     "bench", "pretrain_epochs", "adv_epochs", "lambda_batches")
@@ -387,6 +399,10 @@ def validate(cfg):
         raise ConfigError(
             f"need --lr > 0 and 0 <= --ema-decay < 1, got {cfg.lr} and {cfg.ema_decay}"
         )
+    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1 and cfg.lambda_gp >= 0):
+        raise ConfigError("need 0 <= --adam-beta1, --adam-beta2 < 1 and --lambda-gp >= 0")
+    if cfg.model == "wgan-gp" and cfg.arch != "resnet":
+        raise ConfigError("wgan-gp is built from the ResNet networks: use --arch resnet")
     if cfg.bf16 == "both" and not cfg.bench:
         raise ConfigError("--bf16 both times both precisions with --bench; a run takes auto, true "
                           "or false")
@@ -695,14 +711,15 @@ class ResBlock(nn.Module):
     """conv3x3-BN-LeakyReLU(0.2)-conv3x3-BN, plus the skip (1x1 conv when the channels change),
     then LeakyReLU(0.2)."""
 
-    def __init__(self, in_channels, out_channels):
+    def __init__(self, in_channels, out_channels, norm=nn.BatchNorm2d):
         super().__init__()
+        bias = norm is nn.Identity  # without a normalisation the convs keep their own shift
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias),
+            norm(out_channels),
             nn.LeakyReLU(0.2),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias),
+            norm(out_channels),
         )
         # `!=`, not the released code's `is not` (an identity test on ints): equal channel counts
         # always get the identity skip
@@ -717,20 +734,20 @@ class ResBlock(nn.Module):
         return self.act(self.body(x) + self.skip(x))
 
 
-def encoder_convs(image_channels, channels, pool):
+def encoder_convs(image_channels, channels, pool, norm=nn.BatchNorm2d):
     """The encoder's convolutional part: conv5x5-BN-LeakyReLU(0.2)-pool, per further channel
     entry ResBlock-pool, a final ResBlock. pool: nn.AvgPool2d (the encoder) or nn.MaxPool2d
-    (the discriminator). (B, C, H, W) -> (B, channels[-1], H / 2^len(channels), W /
-    2^len(channels))."""
+    (the discriminator); norm: nn.Identity for WGAN-GP's critic. (B, C, H, W) -> (B,
+    channels[-1], H / 2^len(channels), W / 2^len(channels))."""
     layers = [
-        nn.Conv2d(image_channels, channels[0], 5, padding=2, bias=False),
-        nn.BatchNorm2d(channels[0]),
+        nn.Conv2d(image_channels, channels[0], 5, padding=2, bias=norm is nn.Identity),
+        norm(channels[0]),
         nn.LeakyReLU(0.2),
         pool(2),
     ]
     for c_in, c_out in zip(channels[:-1], channels[1:]):
-        layers += [ResBlock(c_in, c_out), pool(2)]
-    layers.append(ResBlock(channels[-1], channels[-1]))
+        layers += [ResBlock(c_in, c_out, norm), pool(2)]
+    layers.append(ResBlock(channels[-1], channels[-1], norm))
     return nn.Sequential(*layers)
 
 
@@ -1147,10 +1164,13 @@ def step_method(cfg, epoch):
     return cfg.model
 
 
-def train_step(method, nets, opts, x, cfg, c, s, amp, vae_s_state=None):
+def train_step(method, nets, opts, x, cfg, c, s, amp, vae_s_state=None, step=0):
     """One iteration of `method` (step_method's name) on the batch x: the one place that turns the
     config into the steps' arguments. c: Eq. 9's annealing coefficient of this iteration (used by
-    asintrovae only); s = 1 / (C H W). -> dict of detached 0-d tensors."""
+    asintrovae only); s = 1 / (C H W); step: the iteration, from 0 (used by wgan-gp only).
+    -> dict of detached 0-d tensors."""
+    if method == "wgan-gp":
+        return wgan_gp_step(nets, opts, x, cfg, step, amp)
     encoder, decoder = nets["encoder"], nets["decoder"]
     pair = (encoder, decoder, opts["encoder"], opts["decoder"])
     betas = {"beta_rec": cfg.beta_rec, "beta_kl": cfg.beta_kl, "amp": amp}
@@ -1235,16 +1255,18 @@ def train(cfg):
             x = flip_at_random(to_float(batch, run.device), cfg.hflip)  # (B, C, H, W) in [0, 1]
             c = annealing_coefficient(step, T, schedule)  # Eq. 9, t = step
             stats = train_step(step_method(cfg, epoch), nets, opts, x, cfg, c, s, run.amp,
-                               run.vae_s_state)
+                               run.vae_s_state, step)
             average_buffers_over_ranks([nets[name] for name in opts])  # no-op in a plain run
-            update_ema(nets["ema"], unwrap(nets["decoder"]), cfg.ema_decay)
+            if generator_turn(step, cfg):  # every iteration but wgan-gp's critic-only ones
+                update_ema(nets["ema"], unwrap(nets["decoder"]), cfg.ema_decay)
             step += 1
             watch.add(stats, step)
             if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == run.stop:
                 watch.raise_if_diverged(run.ckpt_path)  # the one host sync of the interval
             log.add(step, epoch, stats, c, x.shape[0] * ranks.world, run.vae_s_state)
             # at T too, not at --max-iters: a stopped and resumed run logs what an unbroken one does
-            if cfg.recon_every and (step % cfg.recon_every == 0 or step == T):
+            if cfg.recon_every and "encoder" in nets and (step % cfg.recon_every == 0
+                                                          or step == T):
                 # every rank runs the same forwards (SyncBatchNorm's collectives), rank 0 writes
                 log.add_record(step, reconstruction_record(
                     unwrap(nets["encoder"]), unwrap(nets["decoder"]), run.test_set, cfg,
@@ -1795,6 +1817,96 @@ def adversarial_step(encoder, decoder, disc, opt_encoder, opt_decoder, opt_disc,
 
 
 # --------------------------------------------------------------------------------------------------
+# APPENDIX: WGAN-GP (Gulrajani, Ahmed, Arjovsky, Dumoulin, Courville, "Improved Training of
+# Wasserstein GANs", NeurIPS 2017), Table 2's third column, built from the same parts: the decoder
+# is the generator, the critic is the encoder's trunk with a scalar head.
+# --------------------------------------------------------------------------------------------------
+class Critic(nn.Module):
+    """D(x) of WGAN-GP: the encoder's convolutional trunk and a linear head to one value, with NO
+    normalisation layer. The gradient penalty is taken per sample, and BatchNorm would make each
+    sample's critic value depend on the rest of its batch (Gulrajani et al. Sec. 4: no batch
+    normalisation in the critic; they suggest layer normalisation, none is the simpler choice).
+    (B, C, H, W) -> (B,) in float32."""
+
+    def __init__(self, image_channels, channels, image_size):
+        super().__init__()
+        self.conv = encoder_convs(image_channels, channels, nn.AvgPool2d, norm=nn.Identity)
+        side = image_size // 2 ** len(channels)
+        self.fc = nn.Linear(channels[-1] * side * side, 1)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1)).float().view(-1)
+
+
+def interpolate(x_real, x_fake, eps):
+    """Algorithm 1, line 6: x_hat = eps x + (1 - eps) x_fake, one eps ~ U[0, 1] per sample.
+    x_real, x_fake (B, C, H, W); eps (B, 1, 1, 1)."""
+    return eps * x_real + (1 - eps) * x_fake
+
+
+def wgan_critic_loss(d_real, d_fake, grad_x_hat, *, lambda_gp):
+    """Algorithm 1, line 7, averaged over the batch:
+    L = mean_i [D(x_fake_i) - D(x_i) + lambda (||grad_{x_hat} D(x_hat_i)||_2 - 1)^2].
+    d_real, d_fake (B,); grad_x_hat (B, C, H, W). -> (L, the penalty term's mean)."""
+    penalty = lambda_gp * (grad_x_hat.flatten(1).norm(dim=1) - 1) ** 2  # (B,)
+    return (d_fake - d_real + penalty).mean(), penalty.mean()
+
+
+def wgan_generator_loss(d_fake):
+    """Algorithm 1, line 11: L_G = -mean_i D(G(z_i)). d_fake (B,)."""
+    return -d_fake.mean()
+
+
+def wgan_critic_step(critic, generator, opt_critic, x, z, eps, *, lambda_gp, amp):
+    """One critic update (the generator frozen) on the real batch x, the prior draw z (B, z_dim)
+    and eps (B, 1, 1, 1). The penalty's gradient is taken with create_graph=True, so the critic's
+    update differentiates through it. -> logged values."""
+    set_requires_grad(critic, True)
+    set_requires_grad(generator, False)
+    with torch.no_grad(), amp():
+        fake = generator(z)  # (B, C, H, W)
+    x_hat = interpolate(x, fake, eps).requires_grad_(True)
+    with amp():
+        d_real, d_fake, d_hat = critic(x), critic(fake), critic(x_hat)  # (B,) each
+    grad_x_hat, = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)
+    loss, penalty = wgan_critic_loss(d_real, d_fake, grad_x_hat, lambda_gp=lambda_gp)
+    optimizer_step(loss, opt_critic)
+    return detached({"loss_c": loss, "gp": penalty,
+                     "wasserstein": d_real.mean() - d_fake.mean()})
+
+
+def wgan_generator_step(critic, generator, opt_generator, z, *, amp):
+    """One generator update (the critic frozen) on a new prior draw z (B, z_dim)."""
+    set_requires_grad(critic, False)
+    set_requires_grad(generator, True)
+    with amp():
+        loss = wgan_generator_loss(critic(generator(z)))
+    optimizer_step(loss, opt_generator)
+    return {"loss_g": loss.detach()}
+
+
+def wgan_gp_step(nets, opts, x, cfg, step, amp):
+    """Iteration `step` (from 0) of WGAN-GP: a critic step on the batch x; after every n_critic
+    of them, a generator step (Algorithm 1's outer loop). Noise is drawn in this order: the
+    critic's z, its eps, then the generator's z."""
+    z = torch.randn(x.shape[0], cfg.z_dim, device=x.device)
+    eps = torch.rand(x.shape[0], 1, 1, 1, device=x.device)  # one per sample
+    stats = wgan_critic_step(nets["critic"], nets["decoder"], opts["critic"], x, z, eps,
+                             lambda_gp=cfg.lambda_gp, amp=amp)
+    if generator_turn(step, cfg):
+        z_g = torch.randn(x.shape[0], cfg.z_dim, device=x.device)
+        stats.update(wgan_generator_step(nets["critic"], nets["decoder"], opts["decoder"], z_g,
+                                         amp=amp))
+    return stats
+
+
+def generator_turn(step, cfg):
+    """Whether iteration `step` (from 0) ends with a generator update: always, but for wgan-gp
+    only after every n_critic-th critic step. The decoder's EMA moves only then."""
+    return cfg.model != "wgan-gp" or (step + 1) % cfg.n_critic == 0
+
+
+# --------------------------------------------------------------------------------------------------
 # APPENDIX: devices, nn.DataParallel and torchrun (one process per GPU or CPU process, gradients
 # averaged by hand)
 # Several forwards through one network before one backward (every step here) is what DDP's
@@ -2030,12 +2142,7 @@ def plain_copies(nets, cfg, image_channels, device):
     """The networks with their weights and buffers but ordinary BatchNorm, no wrapper, no
     gradient averaging: what a rank evaluates on its own (SyncBatchNorm would wait for ranks
     that run a different number of forwards)."""
-    copies = {"ema": nets["ema"]}
-    copies["encoder"], copies["decoder"] = build_networks(image_channels, cfg.channels,
-                                                          cfg.image_size, cfg.z_dim, cfg.arch)
-    if "disc" in nets:
-        copies["disc"] = build_discriminator(image_channels, cfg.channels, cfg.image_size,
-                                             cfg.arch)
+    copies = {**trained_networks(cfg, image_channels), "ema": nets["ema"]}
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     for name, net in copies.items():
         if name != "ema":
@@ -2047,21 +2154,31 @@ def plain_copies(nets, cfg, image_channels, device):
 # --------------------------------------------------------------------------------------------------
 # APPENDIX: state and checkpoints: the networks and optimisers, RNG states, opening a run
 # --------------------------------------------------------------------------------------------------
+def trained_networks(cfg, image_channels):
+    """The networks a model trains, newly initialised: {encoder, decoder}; avae / avae-s add the
+    discriminator (disc); wgan-gp trains the decoder as its generator and a critic."""
+    encoder, decoder = build_networks(
+        image_channels, cfg.channels, cfg.image_size, cfg.z_dim, cfg.arch
+    )
+    if cfg.model == "wgan-gp":
+        return {"decoder": decoder,
+                "critic": Critic(image_channels, cfg.channels, cfg.image_size)}
+    trained = {"encoder": encoder, "decoder": decoder}
+    if cfg.model in ADVERSARIAL_MODELS:
+        trained["disc"] = build_discriminator(
+            image_channels, cfg.channels, cfg.image_size, cfg.arch
+        )
+    return trained
+
+
 def make_state(cfg, image_channels, device, ranks=None):
     """-> (nets {encoder, decoder, ema[, disc]}, opts {encoder, decoder[, disc]}): avae / avae-s
     add the discriminator and its Adam (the same lr and betas); the trained networks in
     nn.DataParallel on >1 GPU. Under torchrun (ranks.world > 1) no wrapper: rank 0's weights
     on every rank, SyncBatchNorm with cfg.sync_bn, optimisers that average the gradients."""
     ranks = ranks or Ranks()
-    encoder, decoder = build_networks(
-        image_channels, cfg.channels, cfg.image_size, cfg.z_dim, cfg.arch
-    )
-    trained = {"encoder": encoder, "decoder": decoder}
-    if cfg.model in ADVERSARIAL_MODELS:
-        trained["disc"] = build_discriminator(
-            image_channels, cfg.channels, cfg.image_size, cfg.arch
-        )
-    ema = copy.deepcopy(decoder).requires_grad_(False)  # plain BatchNorm: it samples alone
+    trained = trained_networks(cfg, image_channels)
+    ema = copy.deepcopy(trained["decoder"]).requires_grad_(False)  # plain BatchNorm: samples alone
     if ranks.world > 1 and cfg.sync_bn:
         trained = {name: nn.SyncBatchNorm.convert_sync_batchnorm(net)
                    for name, net in trained.items()}
@@ -2071,9 +2188,8 @@ def make_state(cfg, image_channels, device, ranks=None):
         if cfg.compile:
             net.compile()  # nn.Module.compile: the same module and state_dict, a compiled forward
     opts = {
-        name: torch.optim.Adam(
-            net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda"
-        )
+        name: torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                               fused=device.type == "cuda")
         for name, net in trained.items()
     }
     if ranks.world > 1:
@@ -2393,15 +2509,17 @@ def batchnorm_mode(modules, mode):
 
 @torch.no_grad()
 def training_grid(nets, real, noise, bn_mode, amp, path):
-    """Rows: 16 real training images / their reconstructions (z = mu) / 16 EMA-decoder samples;
-    the whole fixed batch goes through the networks so that batch statistics are those of a
-    training batch. path None: the forwards only (torchrun ranks other than 0)."""
-    encoder, decoder, ema = (unwrap(nets[k]) for k in ("encoder", "decoder", "ema"))
-    with batchnorm_mode([encoder, decoder, ema], bn_mode), amp():
-        rec = decoder(encoder(real)[0])
-        fake = ema(noise)
+    """Rows: 16 real training images / their reconstructions (z = mu; none for wgan-gp, which has
+    no encoder) / 16 EMA-decoder samples; the whole fixed batch goes through the networks so that
+    batch statistics are those of a training batch. path None: the forwards only (torchrun ranks
+    other than 0)."""
+    decoder, ema = unwrap(nets["decoder"]), unwrap(nets["ema"])
+    encoder = unwrap(nets["encoder"]) if "encoder" in nets else None
+    with batchnorm_mode([m for m in (encoder, decoder, ema) if m is not None], bn_mode), amp():
+        rows = [real[:16]] + ([decoder(encoder(real)[0])[:16]] if encoder is not None else [])
+        rows.append(ema(noise)[:16])
     if path is not None:
-        save_grid([real[:16], rec[:16], fake[:16]], path, nrow=16)
+        save_grid(rows, path, nrow=16)
 
 
 def plot_curves(records, path, keys):
@@ -2457,7 +2575,7 @@ CURVE_KEYS = ("eval_psnr", "eval_ssim", "eval_mse",
               "loss_e", "loss_d", "loss", "rec", "kl_real", "kl_rec", "kl_fake", "kl_diff",
               "exp_elbo_rec", "exp_elbo_fake", "as_dist", "c", "tc",
               *(f"term_{name}" for name in REC_TERMS), "loss_dis", "loss_adv", "disc_acc",
-              "train_disc", "use_adv")
+              "train_disc", "use_adv", "loss_c", "loss_g", "wasserstein", "gp")
 
 
 def read_log(path, max_step):
@@ -2479,18 +2597,20 @@ class FiniteWatch:
 
     def __init__(self, device):
         self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
-        self.losses_then = None  # (number of losses,) at the first bad step
-        self.names = None
+        self.losses_then = {}  # name -> (0-d value, 0-d bool: logged at the first bad step)
 
     def add(self, stats, step):
-        """stats: train_step's dict of the 0-d values of step `step` (counted from 1)."""
-        self.names = [name for name in stats if name.startswith("loss")]
-        losses = torch.stack([stats[name].float() for name in self.names])  # (number of losses,)
+        """stats: train_step's dict of the 0-d values of step `step` (counted from 1); the losses
+        it holds may differ from step to step (wgan-gp's generator loss)."""
+        names = [name for name in stats if name.startswith("loss")]
+        losses = torch.stack([stats[name].float() for name in names])  # (number of losses,)
         first_here = (self.first_bad == self.NONE) & ~torch.isfinite(losses).all()
         self.first_bad = torch.where(first_here, step, self.first_bad)
-        if self.losses_then is None or self.losses_then.shape != losses.shape:
-            self.losses_then = torch.zeros_like(losses)
-        self.losses_then = torch.where(first_here, losses, self.losses_then)
+        for name, value in zip(names, losses):
+            value_then, logged_then = self.losses_then.get(
+                name, (torch.zeros_like(value), torch.zeros_like(first_here)))
+            self.losses_then[name] = (torch.where(first_here, value, value_then),
+                                      first_here | logged_then)
 
     def raise_if_diverged(self, ckpt_path):
         """TrainingDiverged naming the first bad step, its losses and the last good checkpoint;
@@ -2502,8 +2622,8 @@ class FiniteWatch:
         if first_bad == self.NONE:
             return
         last = load_checkpoint(ckpt_path)["step"] if os.path.exists(ckpt_path) else None
-        values = ", ".join(f"{name} {value:.4g}"
-                           for name, value in zip(self.names, self.losses_then.tolist()))
+        values = ", ".join(f"{name} {value.item():.4g}"
+                           for name, (value, logged) in self.losses_then.items() if logged)
         where = (f"last good checkpoint: {ckpt_path} (step {last})" if last is not None
                  else "no checkpoint yet")
         raise TrainingDiverged(f"non-finite loss at step {first_bad} ({values}); {where}")
@@ -2515,7 +2635,8 @@ class TrainingLog:
     the averages are over the ranks too (one all_reduce per record) and only rank 0 writes."""
 
     PROGRESS_KEYS = ("loss_e", "loss_d", "loss", "rec", "kl_real", "kl_fake", "kl_rec",
-                     "exp_elbo_fake", "as_dist", "c", "tc", "loss_dis", "loss_adv", "disc_acc")
+                     "exp_elbo_fake", "as_dist", "c", "tc", "loss_dis", "loss_adv", "disc_acc",
+                     "loss_c", "loss_g", "wasserstein", "gp")
 
     def __init__(self, cfg, out_dir, step, stop, writer=True):
         self.cfg, self.out_dir, self.stop, self.writer = cfg, out_dir, stop, writer
@@ -2658,8 +2779,10 @@ SHARPNESS_NOTE = (
 @torch.no_grad()
 def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir, ranks=None):
     """results.json's body: reconstruction scores and sharpness on the evaluation split, the
-    pictures, and FID of EMA-decoder samples against the training images."""
-    encoder, decoder, ema = (unwrap(nets[k]) for k in ("encoder", "decoder", "ema"))
+    pictures, and FID of EMA-decoder samples against the training images. A model without an
+    encoder (wgan-gp) has no reconstructions: samples and FID only."""
+    decoder, ema = unwrap(nets["decoder"]), unwrap(nets["ema"])
+    encoder = unwrap(nets["encoder"]) if "encoder" in nets else None
     ranks = ranks or Ranks()
     # never touches the training RNG; under torchrun each rank draws its own share of samples
     eval_seed = cfg.seed + 1 if ranks.rank == 0 else int(
@@ -2677,6 +2800,15 @@ def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir, ranks=
 
     results = {"dataset": cfg.dataset, "model": cfg.model, "variant": cfg.variant, "arch": cfg.arch,
                "bn_mode": cfg.bn_mode}
+    if encoder is None:
+        note = f"skipped: {cfg.model} has no encoder, so no reconstructions"
+        if ranks.is_writer:
+            print(f"reconstruction (PSNR / SSIM / MSE) {note}", flush=True)
+            save_grid([sample(64)], os.path.join(out_dir, "samples.png"), nrow=8)
+        results.update(reconstruction={"note": note}, images={"samples": "samples.png"})
+        with batchnorm_mode([ema], cfg.bn_mode):
+            results["fid"] = fid_of_samples(cfg, sample, train_set, device, ranks)
+        return results
     with batchnorm_mode([encoder, decoder, ema], cfg.bn_mode):
         scores, first = reconstruction_scores(
             encoder, decoder, sample, test_set, split, cfg, device, amp, batch_size=bn_batch,
@@ -2880,12 +3012,16 @@ def fid_of_samples(cfg, sample, train_set, device, ranks=None):
 def write_results(results, out_dir):
     path = os.path.join(out_dir, "results.json")
     write_json(path, results)
-    rec, fid, sharp = results["reconstruction"], results["fid"], results["sharpness"]
+    rec, fid = results["reconstruction"], results["fid"]
     fid_text = "n/a"
     if fid["value"] is not None:
         shallow = " / ".join(f"{fid['fid_' + str(depth)]:.4g}" for depth in FID_DEPTHS[:-1])
         fid_text = (f"{fid['value']:.2f} (64 / 192 / 768-d: {shallow}; only 2048-d is comparable "
                     "across papers)")
+    if "psnr" not in rec:
+        print(f"FID {fid_text} -> {path}", flush=True)
+        return
+    sharp = results["sharpness"]
     print(
         f"{rec['split']} reconstruction ({rec['images']} images, z = mu): PSNR {rec['psnr']:.3f} "
         f"SSIM {rec['ssim']:.3f} "
@@ -2949,7 +3085,8 @@ PAPER_TABLE3 = {
 
 
 METHOD_NAMES = {"vae": "VAE", "introvae": "IntroVAE", "sintrovae": "S-IntroVAE",
-                "asintrovae": "AS-IntroVAE", "vae-s": "VAE-S", "avae": "AVAE", "avae-s": "AVAE-S"}
+                "asintrovae": "AS-IntroVAE", "vae-s": "VAE-S", "avae": "AVAE", "avae-s": "AVAE-S",
+                "wgan-gp": "WGAN-GP"}
 
 
 METHOD_COLOURS = ((110, 110, 110), (230, 140, 20), (40, 90, 200), (200, 30, 30), (150, 60, 170),
@@ -3021,6 +3158,10 @@ def comparison_table(runs):
         paper = PAPER_TABLE3.get(group[0]["dataset"], {}).get(group[0]["model"])
         paper = (" / ".join(f"{v:.3f}" for v in paper)
                  if paper and "official" not in method else "")
+        if any("psnr" not in r for r in scores):
+            lines.append(f"| {method} | {','.join(str(g['seed']) for g in group)} | - | - | - | "
+                         "no encoder: no reconstructions |")
+            continue
         lines.append(
             f"| {method} | {','.join(str(g['seed']) for g in group)} | "
             f"{mean_and_spread([r['psnr'] for r in scores], 3)} | "
@@ -3031,6 +3172,8 @@ def comparison_table(runs):
     for method, group in groups.items():
         for run in group:
             rec = run["results"]["reconstruction"]
+            if "psnr" not in rec:
+                continue
             lines.append(f"| {run['folder']} | {method} | {run['seed']} | "
                          f"{run['results']['step']} | {rec['images']} | {rec['psnr']:.3f} | "
                          f"{rec['ssim']:.3f} | {rec['mse']:.4f} |")
@@ -3119,19 +3262,25 @@ def picture_sheet(runs, path):
     panels = []
     for method, group in groups.items():
         run = group[0]
-        with Image.open(os.path.join(run["folder"], "samples.png")) as samples, \
-                Image.open(os.path.join(run["folder"], "reconstruction.png")) as rec:
-            samples, rec = samples.convert("RGB"), rec.convert("RGB")
+        with Image.open(os.path.join(run["folder"], "samples.png")) as samples:
+            samples = samples.convert("RGB")
+        rec_path = os.path.join(run["folder"], "reconstruction.png")
+        rec = Image.new("RGB", (1, 1), "white")  # a model without an encoder has none
+        if os.path.isfile(rec_path):
+            with Image.open(rec_path) as image:
+                rec = image.convert("RGB")
         scale = max(1, round(400 / samples.width))
         samples = samples.resize((samples.width * scale, samples.height * scale), Image.NEAREST)
-        rec = rec.resize((rec.width * samples.width // rec.width,
-                          rec.height * samples.width // rec.width), Image.NEAREST)
+        rec = rec.resize((samples.width, max(1, rec.height * samples.width // rec.width)),
+                         Image.NEAREST)
         panel = Image.new("RGB", (samples.width + 16, samples.height + rec.height + 64), "white")
         draw = ImageDraw.Draw(panel)
         draw.text((8, 4), f"{method}, seed {run['seed']}", fill="black", font=font)
         draw.text((8, 18), "samples (EMA decoder)", fill="black", font=font)
         panel.paste(samples, (8, 32))
-        draw.text((8, 36 + samples.height), "test images / reconstructions", fill="black",
+        label = ("test images / reconstructions" if os.path.isfile(rec_path)
+                 else "no encoder: no reconstructions")
+        draw.text((8, 36 + samples.height), label, fill="black",
                   font=font)
         panel.paste(rec, (8, 50 + samples.height))
         panels.append(panel)
@@ -3184,7 +3333,7 @@ def bench(cfg):
             start = time.perf_counter()
         x = to_float(images[(i % 4) * cfg.batch_size:(i % 4 + 1) * cfg.batch_size], device)
         stats = train_step(method, nets, opts, x, cfg, annealing_coefficient(i, 10 ** 6), s, amp,
-                           vae_s_state)
+                           vae_s_state, i)
         update_ema(nets["ema"], unwrap(nets["decoder"]), cfg.ema_decay)
     if device.type == "cuda":
         torch.cuda.synchronize()
