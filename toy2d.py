@@ -950,12 +950,16 @@ def predicted_seconds(cfg, costs, begin, end):
 
 
 class PhaseProgress:
-    """One line on stderr: iteration, phase, rate and an ETA from the per-phase costs, rescaled by
-    how fast the run has actually gone so far."""
+    """Iteration, phase, rate and an ETA from the per-phase costs, rescaled by how fast the run has
+    actually gone so far, on stderr: one line rewritten with '\\r' on a terminal, a line per
+    update (at most one a minute) when redirected to a file or a pipe."""
 
-    def __init__(self, cfg, costs, start, stop, stream=None, min_interval=1.0):
+    def __init__(self, cfg, costs, start, stop, stream=None, min_interval=None):
         self.cfg, self.costs, self.start, self.stop = cfg, costs, start, stop
         self.stream = stream if stream is not None else sys.stderr
+        self.terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
+        if min_interval is None:
+            min_interval = 1.0 if self.terminal else 60.0
         self.tic, self.last, self.min_interval, self.printed = time.time(), 0.0, min_interval, False
 
     def eta(self, t, elapsed):
@@ -973,15 +977,14 @@ class PhaseProgress:
         eta = self.eta(t, elapsed)
         phase = phase_of(phases(self.cfg), t)
         rate = (t - self.start) / max(elapsed, 1e-9)
-        self.stream.write(
-            f"\rtoy2d train: {t}/{self.stop} it ({phase}) {rate:.1f} it/s, "
-            f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(eta)}  "
-        )
+        line = (f"toy2d train: {t}/{self.stop} it ({phase}) {rate:.1f} it/s, "
+                f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(eta)}")
+        self.stream.write(f"\r{line}  " if self.terminal else f"{line}\n")
         self.stream.flush()
         self.printed = True
 
     def close(self):
-        if self.printed:
+        if self.printed and self.terminal:
             self.stream.write("\n")
             self.stream.flush()
 

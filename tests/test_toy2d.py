@@ -2,6 +2,7 @@
 modes."""
 
 import dataclasses
+import io
 import math
 
 import numpy as np
@@ -160,6 +161,21 @@ def test_eta_follows_the_phases_and_the_measured_pace():
     assert progress.eta(2000, elapsed=80.0) == pytest.approx(2 * (4000 * 0.2 + 24000 * 0.1))
     resumed = toy2d.PhaseProgress(cfg, costs, 6000, 30000)
     assert resumed.eta(18000, elapsed=1200.0) == pytest.approx(12000 * 0.1)
+
+
+def test_progress_in_a_file_is_a_line_per_update():
+    costs = {"warm-up": 0.02, "AS active": 0.2, "adversarial": 0.1}
+    stream = io.StringIO()  # not a terminal
+    progress = toy2d.PhaseProgress(toy2d.Config(), costs, 0, 30000, stream=stream, min_interval=0)
+    for t in (1000, 4000, 30000):
+        progress.update(t)
+    progress.close()
+    text = stream.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    assert [line.split()[2:4] for line in text.splitlines()] == [
+        ["1000/30000", "it"], ["4000/30000", "it"], ["30000/30000", "it"]]
+    assert "(AS active)" in text.splitlines()[1]
+    assert toy2d.PhaseProgress(toy2d.Config(), costs, 0, 10, stream=io.StringIO()).min_interval == 60
 
 
 def test_annealing_schedule_flag_and_unknown_schedule():
