@@ -9,6 +9,7 @@ run with one line instead of quietly testing the CPU.
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +73,15 @@ def one_thread():
 def offline_torch_home(tmp_path, monkeypatch):
     """No Inception weights anywhere: FID must say how to provide them (downloads fail offline)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A folder with train.npz (20 images) and test.npz (12), 16 x 16 RGB patterns, for tiny
+    as_introvae.py runs through --dataset npz."""
+    from helpers import pattern_images  # after ROOT is on sys.path
+
+    folder = tmp_path_factory.mktemp("data")
+    np.savez(folder / "train.npz", images=pattern_images(20, 0))
+    np.savez(folder / "test.npz", images=pattern_images(12, 1))
+    return folder

@@ -16,14 +16,6 @@ from helpers import assert_identical, npz_run_flags, pattern_images, run_script
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_torch_home")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    np.savez(folder / "train.npz", images=pattern_images(20, 0))
-    np.savez(folder / "test.npz", images=pattern_images(12, 1))
-    return folder
-
-
 def tiny_flags(data, out, *extra):
     return npz_run_flags(data, out, "--epochs", "3", *extra, every=2)
 

@@ -5,12 +5,11 @@ on generator steps only, and a run end to end (resume included) through the comm
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 
 import as_introvae as asv
-from helpers import assert_identical, npz_run_flags, pattern_images
+from helpers import assert_identical, npz_run_flags
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline_torch_home")
 LAMBDA = 7.0  # not the default 10: a dropped or doubled weight shows
@@ -131,14 +130,6 @@ def test_generator_steps_every_n_critic_iterations():
             assert_identical(dict(nets["decoder"].named_parameters()), generator_before)
     assert turns == [False, False, True, False, False, True]
     assert asv.generator_turn(4, asv.Config(model="asintrovae"))  # every step elsewhere
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    np.savez(folder / "train.npz", images=pattern_images(20, 0))
-    np.savez(folder / "test.npz", images=pattern_images(12, 1))
-    return folder
 
 
 def flags(data, out, *extra):
