@@ -818,20 +818,28 @@ def kl_divergence(mu, logvar):
     return -0.5 * (1 + logvar - torch.exp(logvar) - mu**2).sum(-1)
 
 
-def as_distance(mu_a, logvar_a, mu_b, logvar_b, reduction="paper"):
+def as_distance(mu_a, logvar_a, mu_b, logvar_b, reduction="paper", kernel="marginal"):
     """AS-Distance between two batches of diagonal Gaussians, Eq. 7 with the kernel of Eq. 8:
     k_d(a_i, b_j) = exp(-(mu_a,id - mu_b,jd)^2 / (2 V)) / sqrt(2 pi V),  V = v_a,id + v_b,jd,
     v = exp(logvar), the integral of the product of the two 1-D normal densities; over all B*B pairs
     AS = sum_d [mean_ij k_d(a_i, a_j) + mean_ij k_d(b_i, b_j) - 2 mean_ij k_d(a_i, b_j)]
        = sum_d integral (p_a,d(u) - p_b,d(u))^2 du  (p_.,d: the batch mixture's marginal in d),
     so AS >= 0 and AS(a, a) = 0: one value per batch, the paper's per-batch alignment.
+    kernel "joint": Eq. 8 read with its (2 pi)^(n/2), the overlap of the n-dimensional Gaussians,
+    k(a_i, b_j) = prod_d k_d(a_i, b_j), so that AS = integral over R^n of (p_a - p_b)^2 of the
+    two batch mixtures (not of their marginals); the three means of exp(log k) are taken relative
+    to the largest log k, so no term underflows before the difference. In the 32-256 latent
+    dimensions of the image models exp of that largest log k (a sum of n log-densities) itself
+    leaves float32's range: the joint kernel is for 2D, and as_introvae.py has no flag for it.
     reduction "official_sum" / "official_mean": the released code's kernel without 1/sqrt(2 pi),
-    SUMMED (its encoder step) / AVERAGED (its decoder step) over all B*B*D terms.
+    SUMMED (its encoder step) / AVERAGED (its decoder step) over all B*B*D terms (marginal only).
     mu_a, logvar_a: (..., B, D); mu_b, logvar_b: (..., B', D) -> (...,)."""
     if reduction not in ("paper", "official_sum", "official_mean"):
         raise ValueError(
             f"reduction must be paper, official_sum or official_mean, got {reduction!r}"
         )
+    if kernel not in ("marginal", "joint") or (kernel == "joint" and reduction != "paper"):
+        raise ValueError(f"kernel must be marginal, or joint with reduction paper, got {kernel!r}")
 
     def kernel_reduced(mu_1, var_1, mu_2, var_2):
         var = var_1.unsqueeze(-2) + var_2.unsqueeze(-3)  # (..., B1, B2, D)
@@ -842,7 +850,19 @@ def as_distance(mu_a, logvar_a, mu_b, logvar_b, reduction="paper"):
         k = k / torch.sqrt(var)
         return k.sum((-3, -2, -1)) if reduction == "official_sum" else k.mean((-3, -2, -1))
 
+    def log_joint_kernel(mu_1, var_1, mu_2, var_2):
+        var = var_1.unsqueeze(-2) + var_2.unsqueeze(-3)  # (..., B1, B2, D)
+        diff = mu_1.unsqueeze(-2) - mu_2.unsqueeze(-3)
+        return (-diff**2 / (2 * var) - 0.5 * torch.log(2 * math.pi * var)).sum(-1)  # (..., B1, B2)
+
     var_a, var_b = torch.exp(logvar_a), torch.exp(logvar_b)
+    if kernel == "joint":
+        logs = (log_joint_kernel(mu_a, var_a, mu_a, var_a),
+                log_joint_kernel(mu_b, var_b, mu_b, var_b),
+                log_joint_kernel(mu_a, var_a, mu_b, var_b))
+        top = torch.stack([v.amax((-2, -1)) for v in logs]).amax(0).detach()  # (...,)
+        means = [(v - top[..., None, None]).exp().mean((-2, -1)) for v in logs]
+        return top.exp() * (means[0] + means[1] - 2 * means[2])
     return (
         kernel_reduced(mu_a, var_a, mu_a, var_a)
         + kernel_reduced(mu_b, var_b, mu_b, var_b)
@@ -3089,8 +3109,11 @@ METHOD_NAMES = {"vae": "VAE", "introvae": "IntroVAE", "sintrovae": "S-IntroVAE",
                 "wgan-gp": "WGAN-GP"}
 
 
-METHOD_COLOURS = ((110, 110, 110), (230, 140, 20), (40, 90, 200), (200, 30, 30), (150, 60, 170),
-                  (20, 150, 120), (120, 80, 40))
+# one colour per method in every figure: VAE grey, IntroVAE orange, S-IntroVAE blue, AS-IntroVAE
+# red, the released code purple, WGAN-GP green
+METHOD_COLOURS = {"VAE": (110, 110, 110), "IntroVAE": (230, 140, 20), "S-IntroVAE": (40, 90, 200),
+                  "AS-IntroVAE": (200, 30, 30), "AS-IntroVAE (official)": (150, 60, 170),
+                  "WGAN-GP": (20, 150, 90)}
 
 
 # the curves of --table: log key, panel title (with unit)
@@ -3221,7 +3244,7 @@ def comparison_curves(runs, path, curves=COMPARISON_CURVES):
     legend_height = 24 + 16 * math.ceil(len(groups) / 3)
     image = Image.new("RGB", (cols * width, legend_height + rows * height), "white")
     draw = ImageDraw.Draw(image)
-    colours = dict(zip(groups, METHOD_COLOURS * 2))
+    colours = {method: METHOD_COLOURS.get(method, (0, 0, 0)) for method in groups}
     for i, (method, group) in enumerate(groups.items()):
         x, y = 20 + (i % 3) * 300, 8 + 16 * (i // 3)
         draw.line((x, y + 6, x + 24, y + 6), fill=colours[method], width=3)

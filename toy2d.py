@@ -62,6 +62,11 @@ class Config:
     combo: str = option("C2", "C1 | C2 | C3 | all | tuned (Soft-IntroVAE's per-dataset betas)")
     methods: str = option("vae,introvae,sintrovae,asintrovae", "comma list of methods to train")
     variant: str = option("paper", "AS-IntroVAE: paper (Eq. 7-9 literally) | official (released)")
+    kernel: str = option(
+        "marginal",
+        "AS-Distance kernel: marginal (a 1-D kernel per latent dimension, summed; as the released "
+        "code) | joint (Eq. 8's n-dimensional overlap, the product over dimensions)",
+    )
     mapping: str = option(
         "closest", "C1-C3 as (kl, rec, neg): closest | as (kl, neg, rec): literal"
     )
@@ -101,6 +106,7 @@ CHOICES = {
     "dataset": ("8gaussians", "checkerboard", "spiral", "rings", "all"),
     "combo": ("C1", "C2", "C3", "all", "tuned"),
     "variant": ("paper", "official"),
+    "kernel": ("marginal", "joint"),
     "mapping": ("closest", "literal"),
     "schedule": ("auto", "linear", "tanh"),
     "precision": ("fp32", "bf16"),
@@ -300,20 +306,28 @@ def kl_divergence(mu, logvar):
     return -0.5 * (1 + logvar - torch.exp(logvar) - mu**2).sum(-1)
 
 
-def as_distance(mu_a, logvar_a, mu_b, logvar_b, reduction="paper"):
+def as_distance(mu_a, logvar_a, mu_b, logvar_b, reduction="paper", kernel="marginal"):
     """AS-Distance between two batches of diagonal Gaussians, Eq. 7 with the kernel of Eq. 8:
     k_d(a_i, b_j) = exp(-(mu_a,id - mu_b,jd)^2 / (2 V)) / sqrt(2 pi V),  V = v_a,id + v_b,jd,
     v = exp(logvar), the integral of the product of the two 1-D normal densities; over all B*B pairs
     AS = sum_d [mean_ij k_d(a_i, a_j) + mean_ij k_d(b_i, b_j) - 2 mean_ij k_d(a_i, b_j)]
        = sum_d integral (p_a,d(u) - p_b,d(u))^2 du  (p_.,d: the batch mixture's marginal in d),
     so AS >= 0 and AS(a, a) = 0: one value per batch, the paper's per-batch alignment.
+    kernel "joint": Eq. 8 read with its (2 pi)^(n/2), the overlap of the n-dimensional Gaussians,
+    k(a_i, b_j) = prod_d k_d(a_i, b_j), so that AS = integral over R^n of (p_a - p_b)^2 of the
+    two batch mixtures (not of their marginals); the three means of exp(log k) are taken relative
+    to the largest log k, so no term underflows before the difference. In the 32-256 latent
+    dimensions of the image models exp of that largest log k (a sum of n log-densities) itself
+    leaves float32's range: the joint kernel is for 2D, and as_introvae.py has no flag for it.
     reduction "official_sum" / "official_mean": the released code's kernel without 1/sqrt(2 pi),
-    SUMMED (its encoder step) / AVERAGED (its decoder step) over all B*B*D terms.
+    SUMMED (its encoder step) / AVERAGED (its decoder step) over all B*B*D terms (marginal only).
     mu_a, logvar_a: (..., B, D); mu_b, logvar_b: (..., B', D) -> (...,)."""
     if reduction not in ("paper", "official_sum", "official_mean"):
         raise ValueError(
             f"reduction must be paper, official_sum or official_mean, got {reduction!r}"
         )
+    if kernel not in ("marginal", "joint") or (kernel == "joint" and reduction != "paper"):
+        raise ValueError(f"kernel must be marginal, or joint with reduction paper, got {kernel!r}")
 
     def kernel_reduced(mu_1, var_1, mu_2, var_2):
         var = var_1.unsqueeze(-2) + var_2.unsqueeze(-3)  # (..., B1, B2, D)
@@ -324,7 +338,19 @@ def as_distance(mu_a, logvar_a, mu_b, logvar_b, reduction="paper"):
         k = k / torch.sqrt(var)
         return k.sum((-3, -2, -1)) if reduction == "official_sum" else k.mean((-3, -2, -1))
 
+    def log_joint_kernel(mu_1, var_1, mu_2, var_2):
+        var = var_1.unsqueeze(-2) + var_2.unsqueeze(-3)  # (..., B1, B2, D)
+        diff = mu_1.unsqueeze(-2) - mu_2.unsqueeze(-3)
+        return (-diff**2 / (2 * var) - 0.5 * torch.log(2 * math.pi * var)).sum(-1)  # (..., B1, B2)
+
     var_a, var_b = torch.exp(logvar_a), torch.exp(logvar_b)
+    if kernel == "joint":
+        logs = (log_joint_kernel(mu_a, var_a, mu_a, var_a),
+                log_joint_kernel(mu_b, var_b, mu_b, var_b),
+                log_joint_kernel(mu_a, var_a, mu_b, var_b))
+        top = torch.stack([v.amax((-2, -1)) for v in logs]).amax(0).detach()  # (...,)
+        means = [(v - top[..., None, None]).exp().mean((-2, -1)) for v in logs]
+        return top.exp() * (means[0] + means[1] - 2 * means[2])
     return (
         kernel_reduced(mu_a, var_a, mu_a, var_a)
         + kernel_reduced(mu_b, var_b, mu_b, var_b)
@@ -505,7 +531,7 @@ def step_introvae(
 
 def step_introspective(
     encoder, decoder, opt_encoder, opt_decoder, x, noise, *, c, s, beta_rec, beta_kl, beta_neg,
-    gamma_r, as_variant
+    gamma_r, as_variant, kernel="marginal"
 ):
     """AS-IntroVAE (c from annealing_coefficient, as_variant "paper" | "official") or
     Soft-IntroVAE (as_variant "none": no AS-Distance, c = 1): the encoder step of Eq. 9, then the
@@ -535,7 +561,8 @@ def step_introspective(
         squashed = (torch.tanh(v) for v in (mu_r, logvar_r, mu_f, logvar_f))
         as_enc = as_distance(*squashed, reduction="official_sum").unsqueeze(-1)  # (R, 1)
     elif use_as:
-        as_enc = as_distance(mu_r, logvar_r, mu_f, logvar_f).unsqueeze(-1)  # E(rec) vs E(fake)
+        # E(rec) vs E(fake)
+        as_enc = as_distance(mu_r, logvar_r, mu_f, logvar_f, kernel=kernel).unsqueeze(-1)
     rec_err = sse(x, rec)
     # rec is NOT detached in SSE(rec, rr): that gradient reaches the encoder through z.
     loss_e, _, _ = as_intro_encoder_loss(
@@ -564,7 +591,8 @@ def step_introspective(
     as_dec = 0.0
     if use_as:
         reduction = "official_mean" if official else "paper"
-        as_dec = as_distance(mu_r, logvar_r, mu_f, logvar_f, reduction=reduction).unsqueeze(-1)
+        as_dec = as_distance(mu_r, logvar_r, mu_f, logvar_f, reduction=reduction,
+                             kernel=kernel).unsqueeze(-1)
     loss_d = as_intro_decoder_loss(
         rec_err,
         kl_divergence(mu_r, logvar_r),
@@ -627,6 +655,7 @@ class Group:
             "beta_neg": column([r.beta_neg for r in runs]),
         }
         self.margin, self.gamma_r, self.s = cfg.margin, cfg.gamma_r, 1.0 / X_DIM
+        self.kernel = cfg.kernel
         self.first_bad = torch.full((len(runs),), -1, dtype=torch.long, device=device)
         # Coverage probes: fixed prior draws and real points from their own generators, so tracing
         # never touches the training streams.
@@ -673,6 +702,7 @@ class Group:
                 c=1.0 if self.method == "sintrovae" else c,
                 s=self.s,
                 gamma_r=self.gamma_r,
+                kernel=self.kernel,
                 as_variant="none" if self.method == "sintrovae" else variant,
                 **b,
             )
@@ -763,7 +793,10 @@ def autocast(device, precision, cache=True):
 def checkpoint_config(cfg):
     """The fields a resumed run must share with the run that wrote the checkpoint."""
     skip = ("out", "device", "graphs", "bench", "ckpt_every", "until", "table")
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+    if config["kernel"] == "marginal":  # the default: earlier runs' folders and checkpoints fit
+        del config["kernel"]
+    return config
 
 
 def default_out_dir(cfg):
@@ -1082,6 +1115,7 @@ def evaluate(groups, cfg, out_dir, train_seconds, failures):
                 "method": run.method,
                 "combo": run.combo,
                 "variant": cfg.variant,
+                "kernel": cfg.kernel,
                 "mapping": cfg.mapping,
                 "schedule": annealing_schedule(cfg),
                 "warmup": schedule(cfg.iters, cfg.warmup)[0],
@@ -1256,6 +1290,7 @@ def setting(record):
     parts = [
         f"{iters} it" if iters != 30000 else "",
         "official" if record["variant"] == "official" else "",
+        "joint kernel" if record.get("kernel") == "joint" else "",
         f"warm-up {record['warmup']}" if record["warmup"] != schedule(iters)[0] else "",
         (
             f"{record['schedule']} c"
@@ -1493,6 +1528,9 @@ def parse_config(argv):
         parser.error("--ckpt-every must be >= 0 (0: a tenth of --iters)")
     if cfg.trace_every % BLOCK:
         parser.error(f"--trace-every {cfg.trace_every}: use a multiple of {BLOCK}")
+    if cfg.kernel == "joint" and cfg.variant == "official":
+        parser.error("--kernel joint is Eq. 8 read literally; --variant official keeps the "
+                     "released code's marginal kernel")
     if cfg.warmup < -1:
         parser.error(f"--warmup {cfg.warmup}: use -1 (the protocol's share) or a count >= 0")
     if cfg.bench < 0 or cfg.lr <= 0 or cfg.margin < 0 or cfg.gamma_r < 0:

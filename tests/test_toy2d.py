@@ -250,6 +250,38 @@ def test_as_distance_equals_integrated_squared_difference_of_marginals():
     assert got_mean == pytest.approx(math.sqrt(2 * math.pi) / D * expected, rel=1e-8)
 
 
+def test_joint_kernel_is_the_integrated_squared_difference_over_the_plane():
+    """--kernel joint: AS = the integral over R^2 of (p_a - p_b)^2 of the two batch mixtures of
+    2D Gaussians, by quadrature on a grid; also in a stacked batch, and computed relative to the
+    largest log-kernel (the same value with the means shifted far from 0)."""
+    rng = np.random.default_rng(1)
+    B = 4
+    mu_a, mu_b = rng.normal(size=(B, 2)), rng.normal(0.5, 1.2, size=(B, 2))
+    lv_a, lv_b = rng.normal(0, 0.4, size=(B, 2)), rng.normal(-0.4, 0.4, size=(B, 2))
+    u = np.linspace(-12, 12, 2401)
+    uu, vv = np.meshgrid(u, u, indexing="ij")
+
+    def mixture(mu, logvar):  # (1/B) sum_i N(u; mu_i, diag v_i) on the grid
+        var = np.exp(logvar)[:, None, None, :]
+        d = np.stack([uu, vv], -1)[None] - mu[:, None, None, :]
+        log_p = (-(d**2) / (2 * var) - 0.5 * np.log(2 * np.pi * var)).sum(-1)
+        return np.exp(log_p).mean(0)
+
+    step = u[1] - u[0]
+    expected = ((mixture(mu_a, lv_a) - mixture(mu_b, lv_b)) ** 2).sum() * step**2
+    t = [torch.tensor(v) for v in (mu_a, lv_a, mu_b, lv_b)]
+    joint = toy2d.as_distance(*t, kernel="joint")
+    assert joint.item() == pytest.approx(expected, rel=1e-6)
+    marginal = toy2d.as_distance(*t).item()
+    assert abs(marginal - joint.item()) > 1e-3 * joint.item()  # a different distance
+    stacked = toy2d.as_distance(*(torch.stack([v, v]) for v in t), kernel="joint")
+    assert stacked.shape == (2,) and torch.allclose(stacked, joint.expand(2), rtol=1e-12)
+    shifted = toy2d.as_distance(t[0] + 50, t[1], t[2] + 50, t[3], kernel="joint")
+    assert shifted.item() == pytest.approx(joint.item(), rel=1e-9)
+    with pytest.raises(ValueError, match="kernel"):
+        toy2d.as_distance(*t, reduction="official_sum", kernel="joint")
+
+
 def test_as_distance_rejects_an_unknown_reduction():
     mu = torch.zeros(3, 2)
     with pytest.raises(ValueError, match="reduction"):
@@ -432,7 +464,7 @@ def torch_mlp(params):
 
 
 def reference_introspective_step(
-    enc, dec, x, noise, beta_rec, beta_kl, beta_neg, gamma_r, c, variant
+    enc, dec, x, noise, beta_rec, beta_kl, beta_neg, gamma_r, c, variant, kernel="marginal"
 ):
     """Soft-IntroVAE / AS-IntroVAE iteration written the official way: requires_grad toggling,
     .backward()."""
@@ -464,6 +496,7 @@ def reference_introspective_step(
         as_e = toy2d.as_distance(
             *squash(mu_r, lv_r, mu_f, lv_f),
             reduction="paper" if variant == "paper" else "official_sum",
+            kernel=kernel,
         )
     elbo_r = beta_rec * ((rec - rr) ** 2).sum(1) + beta_neg * (c * kl(mu_r, lv_r) + (1 - c) * as_e)
     elbo_f = beta_rec * ((fake - rf) ** 2).sum(1) + beta_neg * (c * kl(mu_f, lv_f) + (1 - c) * as_e)
@@ -487,7 +520,8 @@ def reference_introspective_step(
         variant != "none"
     ):  # Eq. 9 sums (1 - c) AS over r and f (paper); the released code adds it once
         as_d = toy2d.as_distance(
-            mu_r, lv_r, mu_f, lv_f, reduction="paper" if variant == "paper" else "official_mean"
+            mu_r, lv_r, mu_f, lv_f, reduction="paper" if variant == "paper" else "official_mean",
+            kernel=kernel,
         )
         as_d = as_d * (2 if variant == "paper" else 1)
     loss_d = s * (
@@ -537,8 +571,12 @@ def assert_steps_agree(enc, dec, ref_enc, ref_dec, ours, theirs):
         assert torch.allclose(mine[0].detach(), ref.reshape(mine.shape[1:]), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("c, variant", [(1.0, "none"), (0.4, "paper"), (0.4, "official")])
-def test_introspective_step_matches_reference(c, variant):
+@pytest.mark.parametrize(
+    "c, variant, kernel",
+    [(1.0, "none", "marginal"), (0.4, "paper", "marginal"), (0.4, "official", "marginal"),
+     (0.4, "paper", "joint")],
+)
+def test_introspective_step_matches_reference(c, variant, kernel):
     enc, dec, ref_enc, ref_dec = tiny_pair()
     x = toy2d.sample_8gaussians(16, gen(6)).double()
     noise = torch.randn(6, 16, 2, generator=gen(7), dtype=torch.float64)
@@ -557,9 +595,10 @@ def test_introspective_step_matches_reference(c, variant):
         beta_neg=0.9,
         gamma_r=0.05,
         as_variant=variant,
+        kernel=kernel,
     )
     theirs = reference_introspective_step(
-        ref_enc, ref_dec, x, noise, 0.2, 0.3, 0.9, 0.05, c, variant
+        ref_enc, ref_dec, x, noise, 0.2, 0.3, 0.9, 0.05, c, variant, kernel
     )
     assert_steps_agree(enc, dec, ref_enc, ref_dec, ours, theirs)
 

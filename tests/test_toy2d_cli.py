@@ -357,3 +357,28 @@ def test_bench_prints_ms_per_iteration_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 runs side by side (sintrovae x1, asintrovae x1)" in out and "ms/iteration" in out
     assert not (tmp_path / "none").exists()
+
+
+def test_joint_kernel_flag_reaches_the_runs_and_keeps_default_folders(
+    tmp_path, capsys, monkeypatch
+):
+    marginal = toy2d_module.parse_config(["--combo", "C2"])
+    joint = toy2d_module.parse_config(["--combo", "C2", "--kernel", "joint"])
+    assert "kernel" not in toy2d_module.checkpoint_config(marginal)  # earlier folders still fit
+    assert toy2d_module.checkpoint_config(joint)["kernel"] == "joint"
+    assert toy2d_module.default_out_dir(marginal) != toy2d_module.default_out_dir(joint)
+    real = toy2d_module.as_distance
+    for kernel in ("marginal", "joint"):
+        seen = []
+
+        def spy(*args, **kwargs):
+            seen.append(kwargs.get("kernel", "marginal"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(toy2d_module, "as_distance", spy)
+        out = tmp_path / kernel
+        args = ["--combo", "C2", "--methods", "asintrovae", *TINY, "--kernel", kernel]
+        assert toy2d_module.main(args + ["--out", str(out)]) == 0
+        assert seen and set(seen) == {kernel}  # the AS-active iterations, both steps
+        assert json.loads((out / "results.json").read_text())[0]["kernel"] == kernel
+    assert "joint kernel" in capsys.readouterr().out  # the table's setting column
