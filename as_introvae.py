@@ -3277,9 +3277,10 @@ def comparison_curves(runs, path, curves=COMPARISON_CURVES):
     image.save(path)
 
 
-def picture_sheet(runs, path):
+def picture_sheet(runs, path, per_row=3):
     """pictures.png: per method (its lowest seed) the EMA-decoder samples over the test
-    reconstructions (top row of each pair: real, bottom: reconstruction), labelled."""
+    reconstructions (top row of each pair: real, bottom: reconstruction), labelled; per_row
+    methods side by side, then the next row."""
     groups = by_method(runs)
     font = ImageFont.load_default()
     panels = []
@@ -3307,12 +3308,12 @@ def picture_sheet(runs, path):
                   font=font)
         panel.paste(rec, (8, 50 + samples.height))
         panels.append(panel)
-    sheet = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)),
+    width, height = max(p.width for p in panels), max(p.height for p in panels)
+    columns = min(len(panels), per_row)
+    sheet = Image.new("RGB", (columns * width, math.ceil(len(panels) / per_row) * height),
                       "white")
-    x = 0
-    for panel in panels:
-        sheet.paste(panel, (x, 0))
-        x += panel.width
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, ((i % per_row) * width, (i // per_row) * height))
     sheet.save(path)
 
 

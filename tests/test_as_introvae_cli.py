@@ -383,8 +383,9 @@ def test_table_means_and_sample_spread_over_seeds_beside_the_paper(tmp_path, cap
         "| AS-IntroVAE (official) | 0 | 17.000 | 0.400 | 0.0300 |  |",
     ]
     with Image.open(tmp_path / "t" / "pictures.png") as sheet:
-        # four methods, each its lowest seed: 242 px samples doubled to 484, plus 16 px margin
-        assert sheet.size == (4 * (484 + 16), 484 + 62 + 64)  # reconstructions: 482 -> 484 wide
+        # four methods, three a row: 242 px samples doubled to 484, a 16 px margin; reconstructions
+        # 482 -> 484 wide
+        assert sheet.size == (3 * (484 + 16), 2 * (484 + 62 + 64))
         assert sheet.getpixel((8 + 100, 32 + 100)) == (0, 0, 0)  # VAE seed 0's picture
     with Image.open(tmp_path / "t" / "curves.png") as curves:
         assert curves.size == (2 * 460, 24 + 16 * 2 + 2 * 300)
