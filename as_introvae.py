@@ -3237,7 +3237,9 @@ def draw_axes(draw, font, box, x_range, y_range, title, x_label):
 def comparison_curves(runs, path, curves=COMPARISON_CURVES):
     """curves.png: one panel per logged value against the iteration, one colour per method, a
     line per seed; the legend names the methods and their seeds."""
-    groups = by_method(runs)
+    groups = {method: group for method, group in by_method(runs).items()
+              if any(r.get(key) is not None for run in group for r in run["records"]
+                     for key, _ in curves)}  # WGAN-GP logs none of these
     font = ImageFont.load_default()
     width, height, cols = 460, 300, 2
     rows = math.ceil(len(curves) / cols)
@@ -3289,14 +3291,13 @@ def picture_sheet(runs, path, per_row=3):
         with Image.open(os.path.join(run["folder"], "samples.png")) as samples:
             samples = samples.convert("RGB")
         rec_path = os.path.join(run["folder"], "reconstruction.png")
-        rec = Image.new("RGB", (1, 1), "white")  # a model without an encoder has none
-        if os.path.isfile(rec_path):
-            with Image.open(rec_path) as image:
-                rec = image.convert("RGB")
         scale = max(1, round(400 / samples.width))
         samples = samples.resize((samples.width * scale, samples.height * scale), Image.NEAREST)
-        rec = rec.resize((samples.width, max(1, rec.height * samples.width // rec.width)),
-                         Image.NEAREST)
+        rec = Image.new("RGB", (samples.width, 1), "white")  # a model without an encoder has none
+        if os.path.isfile(rec_path):
+            with Image.open(rec_path) as image:
+                rec = image.convert("RGB").resize(
+                    (samples.width, image.height * samples.width // image.width), Image.NEAREST)
         panel = Image.new("RGB", (samples.width + 16, samples.height + rec.height + 64), "white")
         draw = ImageDraw.Draw(panel)
         draw.text((8, 4), f"{method}, seed {run['seed']}", fill="black", font=font)
