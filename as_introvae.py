@@ -332,7 +332,7 @@ IMAGE_CHANNELS = {"mnist": 1, "fmnist": 1}  # everything else is RGB (npz: from 
 RUN_FLAGS = {"data_root", "test_root", "out", "max_iters", "log_every", "img_every", "ckpt_every",
              "recon_every", "recon_images",
              "num_workers", "device", "bf16", "compile", "eval", "eval_images", "fid_samples",
-             "fid_weights", "bn_mode", "bench"}
+             "fid_weights", "bn_mode", "bench", "table"}
 
 
 def default_channels(image_size):
@@ -2493,7 +2493,7 @@ def effective_config(cfg, device):
     """The flags that decide what is trained, after the presets, as they would be typed, and the
     precision the networks run in; wrapped to 100 columns."""
     flags = " ".join(f"--{f.name.replace('_', '-')} {shown(getattr(cfg, f.name))}"
-                      for f in dataclasses.fields(Config) if f.name not in RUN_FLAGS | {"table"})
+                      for f in dataclasses.fields(Config) if f.name not in RUN_FLAGS)
     precision = "bf16" if uses_bf16(cfg.bf16, device) else "fp32"
     return textwrap.fill(f"config: {flags} ({precision})", 100, subsequent_indent="  ",
                          break_on_hyphens=False)
