@@ -382,3 +382,13 @@ def test_joint_kernel_flag_reaches_the_runs_and_keeps_default_folders(
         assert seen and set(seen) == {kernel}  # the AS-active iterations, both steps
         assert json.loads((out / "results.json").read_text())[0]["kernel"] == kernel
     assert "joint kernel" in capsys.readouterr().out  # the table's setting column
+
+
+def test_a_corrupt_checkpoint_is_one_line_saying_what_to_do(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"\x00torn" * 50)
+    assert toy2d_module.main(["--combo", "C2", *TINY, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("toy2d.py: error: cannot read checkpoint "), err
+    assert err[0].endswith("corrupt or not a checkpoint; delete it to start over, or pass "
+                           "another --out") and len(err[0]) < 250
