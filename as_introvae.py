@@ -70,9 +70,9 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw, ImageFont
 from eval_metrics import (MetricInputError, OneLineParser, Progress, atomic_write, format_seconds,
-                          frechet_distance, list_images, load_inception, mse, option, parse_bool,
-                          psnr, sharpness, ssim, ssim_torch, stats_from_batches,
-                          stats_from_generator)
+                          frechet_distance, list_images, load_inception, mean_finite_psnr, mse,
+                          option, parse_bool, psnr, sharpness, ssim, ssim_torch,
+                          stats_from_batches, stats_from_generator)
 
 
 class ConfigError(ValueError):
@@ -2617,7 +2617,9 @@ class FiniteWatch:
 
     def __init__(self, device):
         self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
-        self.losses_then = {}  # name -> (0-d value, 0-d bool: logged at the first bad step)
+        # names of the logged losses -> ((number of losses,) at the first bad step, 0-d bool:
+        # these were the losses of that step); one entry per set of names a model logs
+        self.losses_then = {}
 
     def add(self, stats, step):
         """stats: train_step's dict of the 0-d values of step `step` (counted from 1); the losses
@@ -2626,11 +2628,11 @@ class FiniteWatch:
         losses = torch.stack([stats[name].float() for name in names])  # (number of losses,)
         first_here = (self.first_bad == self.NONE) & ~torch.isfinite(losses).all()
         self.first_bad = torch.where(first_here, step, self.first_bad)
-        for name, value in zip(names, losses):
-            value_then, logged_then = self.losses_then.get(
-                name, (torch.zeros_like(value), torch.zeros_like(first_here)))
-            self.losses_then[name] = (torch.where(first_here, value, value_then),
-                                      first_here | logged_then)
+        key = tuple(names)
+        if key not in self.losses_then:
+            self.losses_then[key] = (torch.zeros_like(losses), torch.zeros_like(first_here))
+        then, logged = self.losses_then[key]
+        self.losses_then[key] = (torch.where(first_here, losses, then), first_here | logged)
 
     def raise_if_diverged(self, ckpt_path):
         """TrainingDiverged naming the first bad step, its losses and the last good checkpoint;
@@ -2642,8 +2644,9 @@ class FiniteWatch:
         if first_bad == self.NONE:
             return
         last = load_checkpoint(ckpt_path)["step"] if os.path.exists(ckpt_path) else None
-        values = ", ".join(f"{name} {value.item():.4g}"
-                           for name, (value, logged) in self.losses_then.items() if logged)
+        values = ", ".join(f"{name} {value:.4g}"
+                           for names, (then, logged) in self.losses_then.items() if logged
+                           for name, value in zip(names, then.tolist()))
         where = (f"last good checkpoint: {ckpt_path} (step {last})" if last is not None
                  else "no checkpoint yet")
         raise TrainingDiverged(f"non-finite loss at step {first_bad} ({values}); {where}")
@@ -2749,20 +2752,30 @@ def reconstruction_record(encoder, decoder, test_set, cfg, device, amp, bn_batch
     training (Fig. 7's convergence). BatchNorm as in the final evaluation (cfg.bn_mode, bn_batch
     images a forward, running averages restored); no random draw, so training is unchanged.
     -> {"eval_psnr", "eval_ssim", "eval_mse", "eval_images"}."""
-    per_image = {"psnr": [], "ssim": [], "mse": []}
+    per_image = {name: [] for name, _ in TABLE3_METRICS}
     with batchnorm_mode([encoder, decoder], cfg.bn_mode):
         for images in ordered_batches(test_set, bn_batch, cfg.recon_images, cfg.num_workers):
-            x = to_float(images, device)
-            with amp():
-                rec = decoder(encoder(x)[0]).clamp(0, 1)
-            x, rec = x.float().cpu(), rec.float().cpu()
-            for name, metric in (("psnr", psnr), ("ssim", ssim), ("mse", mse)):
+            x, rec = reconstruct(encoder, decoder, images, device, amp)
+            for name, metric in TABLE3_METRICS:
                 per_image[name].append(metric(x, rec)[0])
     per_image = {name: np.concatenate(values) for name, values in per_image.items()}
-    finite = per_image["psnr"][np.isfinite(per_image["psnr"])]
-    return {"eval_psnr": float(finite.mean()) if finite.size else math.inf,
+    return {"eval_psnr": mean_finite_psnr(per_image["psnr"]),
             "eval_ssim": float(per_image["ssim"].mean()),
             "eval_mse": float(per_image["mse"].mean()), "eval_images": int(per_image["mse"].size)}
+
+
+# Table 3's per-image measures (eval_metrics), in the order results and logs show them
+TABLE3_METRICS = (("psnr", psnr), ("ssim", ssim), ("mse", mse))
+
+
+@torch.no_grad()
+def reconstruct(encoder, decoder, images, device, amp):
+    """uint8 images (B, C, H, W) -> (x, reconstruction with z = mu, clamped to [0, 1]), both
+    float32 on the CPU, as every reconstruction score takes them."""
+    x = to_float(images, device)
+    with amp():
+        rec = decoder(encoder(x)[0]).clamp(0, 1)
+    return x.float().cpu(), rec.float().cpu()
 
 
 def summary(per_image):
@@ -2820,20 +2833,18 @@ def evaluate(nets, cfg, train_set, test_set, split, device, amp, out_dir, ranks=
 
     results = {"dataset": cfg.dataset, "model": cfg.model, "variant": cfg.variant, "arch": cfg.arch,
                "bn_mode": cfg.bn_mode}
-    if encoder is None:
-        note = f"skipped: {cfg.model} has no encoder, so no reconstructions"
-        if ranks.is_writer:
-            print(f"reconstruction (PSNR / SSIM / MSE) {note}", flush=True)
-            save_grid([sample(64)], os.path.join(out_dir, "samples.png"), nrow=8)
-        results.update(reconstruction={"note": note}, images={"samples": "samples.png"})
-        with batchnorm_mode([ema], cfg.bn_mode):
-            results["fid"] = fid_of_samples(cfg, sample, train_set, device, ranks)
-        return results
-    with batchnorm_mode([encoder, decoder, ema], cfg.bn_mode):
-        scores, first = reconstruction_scores(
-            encoder, decoder, sample, test_set, split, cfg, device, amp, batch_size=bn_batch,
-            ranks=ranks)
-        results.update(scores)
+    with batchnorm_mode([m for m in (encoder, decoder, ema) if m is not None], cfg.bn_mode):
+        first = None
+        if encoder is None:
+            note = f"skipped: {cfg.model} has no encoder, so no reconstructions"
+            if ranks.is_writer:
+                print(f"reconstruction (PSNR / SSIM / MSE) {note}", flush=True)
+            results["reconstruction"] = {"note": note}
+        else:
+            scores, first = reconstruction_scores(
+                encoder, decoder, sample, test_set, split, cfg, device, amp, batch_size=bn_batch,
+                ranks=ranks)
+            results.update(scores)
         if ranks.is_writer:
             results["images"] = save_pictures(encoder, decoder, sample, first, cfg.z_dim, device,
                                               amp, out_dir)
@@ -2870,25 +2881,20 @@ def reconstruction_scores(encoder, decoder, sample, test_set, split, cfg, device
         if index % ranks.world != ranks.rank:
             continue
         mine.append(index)
-        x = to_float(images, device)
-        with amp():
-            rec = decoder(encoder(x)[0]).clamp(0, 1)
-        x_cpu, rec_cpu = x.float().cpu(), rec.float().cpu()
-        for name, metric in (("psnr", psnr), ("ssim", ssim), ("mse", mse),
-                             ("cosine", cosine_similarity)):
+        x_cpu, rec_cpu = reconstruct(encoder, decoder, images, device, amp)
+        for name, metric in (*TABLE3_METRICS, ("cosine", cosine_similarity)):
             per_image[name].append(metric(x_cpu, rec_cpu)[0])
         per_image["sharp_real"].append(sharpness(x_cpu)[0])
         per_image["sharp_rec"].append(sharpness(rec_cpu)[0])
-        per_image["sharp_fake"].append(sharpness(sample(x.shape[0]).float().cpu())[0])
+        per_image["sharp_fake"].append(sharpness(sample(x_cpu.shape[0]).float().cpu())[0])
         first = (x_cpu, rec_cpu) if first is None else first
-        bar.update(x.shape[0] * ranks.world)
+        bar.update(x_cpu.shape[0] * ranks.world)
     bar.close()
     per_image = {name: np.concatenate(gathered_in_order(list(zip(mine, values)), ranks))
                  for name, values in per_image.items()}
-    psnr_finite = per_image["psnr"][np.isfinite(per_image["psnr"])]
     reconstruction = {
         "split": split, "images": int(per_image["mse"].size), "z": "mu", "decoder": "raw (not EMA)",
-        "psnr": float(psnr_finite.mean()) if psnr_finite.size else math.inf,
+        "psnr": mean_finite_psnr(per_image["psnr"]),
         "psnr_identical_images": int(np.isinf(per_image["psnr"]).sum()),
         "ssim": float(per_image["ssim"].mean()), "mse": float(per_image["mse"].mean()),
         "cosine": float(per_image["cosine"].mean())}
@@ -2902,13 +2908,16 @@ def reconstruction_scores(encoder, decoder, sample, test_set, split, cfg, device
 
 
 def save_pictures(encoder, decoder, sample, first, z_dim, device, amp, out_dir):
-    """reconstruction.png (evaluation images over their reconstructions), samples.png (64 EMA
-    samples), interpolation.png (decoded straight lines between pairs of posterior means).
-    first: the first evaluation batch (x, rec) on the CPU. -> {picture: file name}."""
+    """samples.png (64 EMA samples), and with an encoder reconstruction.png (evaluation images over
+    their reconstructions) and interpolation.png (decoded straight lines between pairs of
+    posterior means). first: the first evaluation batch (x, rec) on the CPU; None without an
+    encoder (wgan-gp): samples only. -> {picture: file name}."""
+    save_grid([sample(64)], os.path.join(out_dir, "samples.png"), nrow=8)
+    if first is None:
+        return {"samples": "samples.png"}
     x, rec = first  # (B, C, H, W) each
     n = min(16, x.shape[0])
     save_grid([x[:n], rec[:n]], os.path.join(out_dir, "reconstruction.png"), nrow=n)
-    save_grid([sample(64)], os.path.join(out_dir, "samples.png"), nrow=8)
     pictures = {"reconstruction": "reconstruction.png", "samples": "samples.png"}
     pairs = min(8, x.shape[0] // 2)
     with amp():

@@ -562,7 +562,7 @@ def psnr_from_mse(mse_value, data_range=1.0):
         return 10.0 * np.log10(data_range**2 / np.asarray(mse_value, np.float64))
 
 
-def _mean_finite_psnr(per_image):
+def mean_finite_psnr(per_image):
     """Mean of the finite per-image PSNRs; inf when every pair is identical (all inf)."""
     finite = per_image[np.isfinite(per_image)]
     return float(finite.mean()) if finite.size else math.inf
@@ -578,7 +578,7 @@ def psnr(x, y, data_range=1.0):
     identical.
     """
     per_image = psnr_from_mse(mse(x, y, data_range)[0], data_range)
-    return per_image, _mean_finite_psnr(per_image)
+    return per_image, mean_finite_psnr(per_image)
 
 
 def psnr_pooled(x, y, data_range=1.0):
@@ -1130,7 +1130,7 @@ def run_recon(cfg, real_dir, rec_dir):
     print(f"{len(pairs)} pairs, images as PIL RGB / 255, data_range 1")
     print(f"{'metric':<34}{'mean':>14}{'std':>14}")
     print(
-        f"{'PSNR dB (per image, then mean)':<34}{_mean_finite_psnr(psnr_per):>14.6f}"
+        f"{'PSNR dB (per image, then mean)':<34}{mean_finite_psnr(psnr_per):>14.6f}"
         f"{(finite.std() if finite.size else math.nan):>14.6f}"
     )
     print(f"{'PSNR dB (pooled: 1 / mean MSE)':<34}{pooled:>14.6f}{'':>14}")
