@@ -3267,9 +3267,9 @@ def comparison_curves(runs, path, curves=COMPARISON_CURVES):
                             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])])
                   for method, group in groups.items() for run in group]
         points = [p for _, line in series for p in line]
-        x0 = legend_height + (index // cols) * height
-        box = (70 + (index % cols) * width, x0 + 24, (index % cols + 1) * width - 16,
-               x0 + height - 44)
+        panel_top = legend_height + (index // cols) * height
+        box = (70 + (index % cols) * width, panel_top + 24, (index % cols + 1) * width - 16,
+               panel_top + height - 44)
         if not points:
             draw.rectangle(box, outline="black")
             draw.text((box[0], box[1] - 16), f"{title}: not logged", fill="black", font=font)
