@@ -834,12 +834,7 @@ def as_distance(mu_a, logvar_a, mu_b, logvar_b, reduction="paper", kernel="margi
     reduction "official_sum" / "official_mean": the released code's kernel without 1/sqrt(2 pi),
     SUMMED (its encoder step) / AVERAGED (its decoder step) over all B*B*D terms (marginal only).
     mu_a, logvar_a: (..., B, D); mu_b, logvar_b: (..., B', D) -> (...,)."""
-    if reduction not in ("paper", "official_sum", "official_mean"):
-        raise ValueError(
-            f"reduction must be paper, official_sum or official_mean, got {reduction!r}"
-        )
-    if kernel not in ("marginal", "joint") or (kernel == "joint" and reduction != "paper"):
-        raise ValueError(f"kernel must be marginal, or joint with reduction paper, got {kernel!r}")
+    check_as_distance_arguments(reduction, kernel)
 
     def kernel_reduced(mu_1, var_1, mu_2, var_2):
         var = var_1.unsqueeze(-2) + var_2.unsqueeze(-3)  # (..., B1, B2, D)
@@ -868,6 +863,17 @@ def as_distance(mu_a, logvar_a, mu_b, logvar_b, reduction="paper", kernel="margi
         + kernel_reduced(mu_b, var_b, mu_b, var_b)
         - 2 * kernel_reduced(mu_a, var_a, mu_b, var_b)
     )
+
+
+def check_as_distance_arguments(reduction, kernel):
+    """ValueError unless reduction is paper | official_sum | official_mean and kernel is marginal,
+    or joint with reduction paper."""
+    if reduction not in ("paper", "official_sum", "official_mean"):
+        raise ValueError(
+            f"reduction must be paper, official_sum or official_mean, got {reduction!r}"
+        )
+    if kernel not in ("marginal", "joint") or (kernel == "joint" and reduction != "paper"):
+        raise ValueError(f"kernel must be marginal, or joint with reduction paper, got {kernel!r}")
 
 
 def annealing_coefficient(t, total, schedule="linear"):

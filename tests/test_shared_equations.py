@@ -15,6 +15,7 @@ import toy2d
 SHARED = (
     "kl_divergence",
     "as_distance",
+    "check_as_distance_arguments",
     "annealing_coefficient",
     "vae_loss",
     "intro_encoder_loss",

@@ -282,6 +282,58 @@ def test_joint_kernel_is_the_integrated_squared_difference_over_the_plane():
         toy2d.as_distance(*t, reduction="official_sum", kernel="joint")
 
 
+
+@pytest.mark.parametrize(
+    "reduction, kernel",
+    [("paper", "marginal"), ("official_sum", "marginal"), ("official_mean", "marginal"),
+     ("paper", "joint")],
+)
+@pytest.mark.parametrize("lead", [(), (3,)])  # one batch; three stacked runs
+@pytest.mark.parametrize("elements", [7, 40, 1 << 16])  # a row per block, uneven blocks, one
+def test_fused_as_distance_equals_the_formula_and_its_autograd(
+    reduction, kernel, lead, elements, monkeypatch
+):
+    """as_distance_fused against as_distance (autograd through the formula), float64: the value
+    and the gradient w.r.t. all four inputs under a per-run weighting of the output, batches of
+    different sizes, blocks of one row up to all rows; a gradient for some inputs only; no graph
+    under no_grad."""
+    monkeypatch.setattr(toy2d.FusedASDistance, "ELEMENTS", elements)
+    g = gen(11)
+    shapes = [(*lead, 9, 2), (*lead, 9, 2), (*lead, 6, 2), (*lead, 6, 2)]
+    scales = (1.0, 0.7, 1.5, 0.7)
+    t = [(torch.randn(s, generator=g, dtype=torch.float64) * k) for s, k in zip(shapes, scales)]
+    t[2] = t[2] + 0.8
+    weights = torch.randn(lead, generator=g, dtype=torch.float64)
+    kwargs = {"reduction": reduction, "kernel": kernel}
+    plain_in = [v.clone().requires_grad_() for v in t]
+    fused_in = [v.clone().requires_grad_() for v in t]
+    plain = toy2d.as_distance(*plain_in, **kwargs)
+    fused = toy2d.as_distance_fused(*fused_in, **kwargs)
+    assert fused.shape == plain.shape == lead
+    assert torch.allclose(fused, plain, rtol=1e-12, atol=0)
+    expected = torch.autograd.grad((plain * weights).sum(), plain_in, retain_graph=True)
+    got = torch.autograd.grad((fused * weights).sum(), fused_in)
+    for mine, ref in zip(got, expected):
+        assert torch.allclose(mine, ref, rtol=1e-10, atol=1e-15)
+    some = [t[0].clone().requires_grad_(), t[1], t[2], t[3].clone().requires_grad_()]
+    part = toy2d.as_distance_fused(*some, **kwargs).sum()
+    got_some = torch.autograd.grad(part, [some[0], some[3]])
+    expected_all = torch.autograd.grad(plain.sum(), [plain_in[0], plain_in[3]])
+    for mine, ref in zip(got_some, expected_all):
+        assert torch.allclose(mine, ref, rtol=1e-10, atol=1e-15)
+    with torch.no_grad():
+        value = toy2d.as_distance_fused(*fused_in, **kwargs)
+    assert not value.requires_grad and torch.allclose(value, plain, rtol=1e-12, atol=0)
+
+
+def test_fused_as_distance_is_zero_on_itself_and_rejects_what_the_formula_rejects():
+    mu, logvar = torch.randn(2, 33, 2, generator=gen(3), dtype=torch.float64).unbind(0)
+    assert toy2d.as_distance_fused(mu, logvar, mu, logvar).abs().item() < 1e-15
+    with pytest.raises(ValueError, match="kernel"):
+        toy2d.as_distance_fused(mu, logvar, mu, logvar, reduction="official_sum", kernel="joint")
+    with pytest.raises(ValueError, match="reduction"):
+        toy2d.as_distance_fused(mu, logvar, mu, logvar, reduction="sum")
+
 def test_as_distance_rejects_an_unknown_reduction():
     mu = torch.zeros(3, 2)
     with pytest.raises(ValueError, match="reduction"):
@@ -576,7 +628,8 @@ def assert_steps_agree(enc, dec, ref_enc, ref_dec, ours, theirs):
     [(1.0, "none", "marginal"), (0.4, "paper", "marginal"), (0.4, "official", "marginal"),
      (0.4, "paper", "joint")],
 )
-def test_introspective_step_matches_reference(c, variant, kernel):
+@pytest.mark.parametrize("fused", [True, False])
+def test_introspective_step_matches_reference(c, variant, kernel, fused):
     enc, dec, ref_enc, ref_dec = tiny_pair()
     x = toy2d.sample_8gaussians(16, gen(6)).double()
     noise = torch.randn(6, 16, 2, generator=gen(7), dtype=torch.float64)
@@ -596,6 +649,7 @@ def test_introspective_step_matches_reference(c, variant, kernel):
         gamma_r=0.05,
         as_variant=variant,
         kernel=kernel,
+        fused=fused,
     )
     theirs = reference_introspective_step(
         ref_enc, ref_dec, x, noise, 0.2, 0.3, 0.9, 0.05, c, variant, kernel

@@ -359,7 +359,7 @@ def test_bench_prints_ms_per_iteration_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "none").exists()
 
 
-def test_joint_kernel_flag_reaches_the_runs_and_keeps_default_folders(
+def test_kernel_and_as_distance_flags_reach_the_runs_and_keep_default_folders(
     tmp_path, capsys, monkeypatch
 ):
     marginal = toy2d_module.parse_config(["--combo", "C2"])
@@ -367,20 +367,26 @@ def test_joint_kernel_flag_reaches_the_runs_and_keeps_default_folders(
     assert "kernel" not in toy2d_module.checkpoint_config(marginal)  # earlier folders still fit
     assert toy2d_module.checkpoint_config(joint)["kernel"] == "joint"
     assert toy2d_module.default_out_dir(marginal) != toy2d_module.default_out_dir(joint)
-    real = toy2d_module.as_distance
-    for kernel in ("marginal", "joint"):
+    plain = toy2d_module.parse_config(["--combo", "C2", "--as-distance", "plain"])
+    assert toy2d_module.default_out_dir(plain) == toy2d_module.default_out_dir(marginal)  # rounding
+    for kernel, implementation in (("marginal", "fused"), ("joint", "fused"), ("joint", "plain")):
         seen = []
+        for name in ("as_distance", "as_distance_fused"):
 
-        def spy(*args, **kwargs):
-            seen.append(kwargs.get("kernel", "marginal"))
-            return real(*args, **kwargs)
+            def spy(*args, real=getattr(toy2d_module, name), name=name, **kwargs):
+                seen.append((name, kwargs.get("kernel", "marginal")))
+                return real(*args, **kwargs)
 
-        monkeypatch.setattr(toy2d_module, "as_distance", spy)
-        out = tmp_path / kernel
+            monkeypatch.setattr(toy2d_module, name, spy)
+        out = tmp_path / f"{kernel}_{implementation}"
         args = ["--combo", "C2", "--methods", "asintrovae", *TINY, "--kernel", kernel]
-        assert toy2d_module.main(args + ["--out", str(out)]) == 0
-        assert seen and set(seen) == {kernel}  # the AS-active iterations, both steps
-        assert json.loads((out / "results.json").read_text())[0]["kernel"] == kernel
+        args += ["--as-distance", implementation, "--out", str(out)]
+        assert toy2d_module.main(args) == 0
+        expected = "as_distance_fused" if implementation == "fused" else "as_distance"
+        assert seen and set(seen) == {(expected, kernel)}  # the AS-active iterations, both steps
+        record = json.loads((out / "results.json").read_text())[0]
+        assert (record["kernel"], record["as_distance"]) == (kernel, implementation)
+        monkeypatch.undo()
     assert "joint kernel" in capsys.readouterr().out  # the table's setting column
 
 
