@@ -16,6 +16,8 @@ mix: each has its own weights, data stream, noise and Adam moments.
     python toy2d.py --combo C2 --methods asintrovae --warmup 0          # ablation: no VAE warm-up
     python toy2d.py --combo C2 --methods asintrovae --schedule tanh     # tanh annealing
     python toy2d.py --combo C2 --methods sintrovae --mapping literal    # the other reading of C1-C3
+    python toy2d.py --combo C2 --methods asintrovae --kernel joint      # Eq. 8's joint 2D kernel
+    python toy2d.py --combo C2 --as-distance plain           # autograd through the AS formula
     python toy2d.py --combo all --iters 1500                 # quick version (the schedule scales)
     python toy2d.py --bench 20 --dataset all --combo all     # ms/iteration per phase
     python toy2d.py --dataset all --combo all --seeds 92,93,94 --device cuda  # 144 runs, graphs
@@ -1732,7 +1734,7 @@ def main(argv=None):
         print(
             f"{len(runs)} runs side by side ({layout}), batch {cfg.batch_size}, {device}, "
             f"{cfg.precision}, {'CUDA graphs' if graphs else 'eager'}, "
-            f"{torch.get_num_threads()} threads: "
+            f"AS-Distance {cfg.as_distance}, {torch.get_num_threads()} threads: "
             f"wall {describe_costs(costs, 'ms/iteration')}; process CPU "
             f"{describe_costs(cpu_costs, 'ms/iteration')} (mean of {cfg.bench} after "
             f"{untimed_iterations(2, graphs)} untimed); "

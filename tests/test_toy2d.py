@@ -291,19 +291,20 @@ def test_joint_kernel_is_the_integrated_squared_difference_over_the_plane():
 @pytest.mark.parametrize("lead", [(), (3,)])  # one batch; three stacked runs
 @pytest.mark.parametrize("elements", [7, 40, 1 << 16])  # a row per block, uneven blocks, one
 def test_fused_as_distance_equals_the_formula_and_its_autograd(
-    reduction, kernel, lead, elements, monkeypatch
+    reduction, kernel, lead, elements, monkeypatch, device
 ):
     """as_distance_fused against as_distance (autograd through the formula), float64: the value
     and the gradient w.r.t. all four inputs under a per-run weighting of the output, batches of
-    different sizes, blocks of one row up to all rows; a gradient for some inputs only; no graph
-    under no_grad."""
+    different sizes, blocks of one row up to all rows (CUDA: one block); a gradient for some
+    inputs only; no graph under no_grad."""
     monkeypatch.setattr(toy2d.FusedASDistance, "ELEMENTS", elements)
     g = gen(11)
     shapes = [(*lead, 9, 2), (*lead, 9, 2), (*lead, 6, 2), (*lead, 6, 2)]
     scales = (1.0, 0.7, 1.5, 0.7)
     t = [(torch.randn(s, generator=g, dtype=torch.float64) * k) for s, k in zip(shapes, scales)]
     t[2] = t[2] + 0.8
-    weights = torch.randn(lead, generator=g, dtype=torch.float64)
+    t = [v.to(device) for v in t]
+    weights = torch.randn(lead, generator=g, dtype=torch.float64).to(device)
     kwargs = {"reduction": reduction, "kernel": kernel}
     plain_in = [v.clone().requires_grad_() for v in t]
     fused_in = [v.clone().requires_grad_() for v in t]
