@@ -439,7 +439,7 @@ class FusedASDistance(torch.autograd.Function):
         for start in range(0, n_1, rows):
             block = slice(start, start + rows)
             first = start if same else 0  # columns first.. meet this block of rows
-            mirrored = rows if same else 0  # the block's own columns are not mirrored
+            own = rows if same else 0  # of those, the block's own rows: pairs both ways already
             cols = slice(first, None)
             d = mu_1[..., block, None, :] - mu_2[..., None, cols, :]  # (..., rows, B2', D)
             root_inv = torch.rsqrt(var_1[..., block, None, :] + var_2[..., None, cols, :])
@@ -454,15 +454,15 @@ class FusedASDistance(torch.autograd.Function):
             dims_summed = (-3, -2, -1)  # (joint: k is (..., rows, B2', 1))
             total = total + k.sum(dims_summed)
             if same:
-                total = total + k[..., mirrored:, :].sum(dims_summed)
+                total = total + k[..., own:, :].sum(dims_summed)
             if not want_grad:
                 continue
             k_d = u.mul_(root_inv).mul_(k)  # k d / V = -dk/dmu_1 = dk/dmu_2
             k_v = q.sub_(1).mul_(root_inv).mul_(root_inv).mul_(k).mul_(0.5)  # dk/dV
             g_mu_1.append(-k_d.sum(-2))
             g_var_1.append(k_v.sum(-2))
-            g_mu_2[..., first + mirrored:, :] += k_d[..., mirrored:, :].sum(-3)
-            g_var_2[..., first + mirrored:, :] += k_v[..., mirrored:, :].sum(-3)
+            g_mu_2[..., first + own:, :] += k_d[..., own:, :].sum(-3)
+            g_var_2[..., first + own:, :] += k_v[..., own:, :].sum(-3)
         if not want_grad:
             return total, None, None
         g_1 = (torch.cat(g_mu_1, -2), torch.cat(g_var_1, -2))
