@@ -1403,9 +1403,12 @@ def draw_overview(panels, header, row_labels=None):
     cell_w = max(p.width for row in panels for p in row if p is not None)
     cell_h = max(p.height for row in panels for p in row if p is not None)
     band = 0 if row_labels is None else 14
-    sheet = Image.new("RGB", (n_cols * cell_w, 16 + n_rows * (band + cell_h)), "white")
-    draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
+    # a one-column sheet would otherwise cut its header short
+    header_w = 8 + math.ceil(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(header, font=font))
+    width = max(n_cols * cell_w, header_w)
+    sheet = Image.new("RGB", (width, 16 + n_rows * (band + cell_h)), "white")
+    draw = ImageDraw.Draw(sheet)
     draw.text((4, 2), header, fill="black", font=font)
     for i, row in enumerate(panels):
         top = 16 + i * (band + cell_h)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import toy2d as toy2d_module
 from helpers import ROOT, run_script
@@ -398,3 +398,16 @@ def test_a_corrupt_checkpoint_is_one_line_saying_what_to_do(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("toy2d.py: error: cannot read checkpoint "), err
     assert err[0].endswith("corrupt or not a checkpoint; delete it to start over, or pass "
                            "another --out") and len(err[0]) < 250
+
+
+def test_overview_is_wide_enough_for_its_header():
+    panel = Image.new("RGB", (40, 30), "white")
+    header = "8gaussians, seed 93, protocol (30000 iterations), mapping closest"
+    sheet = toy2d_module.draw_overview([[panel]], header)
+    font = ImageFont.load_default()
+    text_w = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(header, font=font)
+    assert sheet.width >= 4 + text_w and sheet.height == 16 + 30
+    ink_columns = np.nonzero((np.asarray(sheet)[:16] != 255).any(axis=(0, 2)))[0]
+    assert ink_columns.max() > 40 + 100  # the header runs past the single panel
+    wide = toy2d_module.draw_overview([[panel] * 20], "short")
+    assert wide.size == (20 * 40, 16 + 30)  # panels, not the header, set a wide sheet
