@@ -1405,7 +1405,7 @@ def draw_overview(panels, header, row_labels=None):
     band = 0 if row_labels is None else 14
     font = ImageFont.load_default()
     # a one-column sheet would otherwise cut its header short
-    header_w = 8 + math.ceil(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(header, font=font))
+    header_w = 8 + math.ceil(font.getlength(header))
     width = max(n_cols * cell_w, header_w)
     sheet = Image.new("RGB", (width, 16 + n_rows * (band + cell_h)), "white")
     draw = ImageDraw.Draw(sheet)
